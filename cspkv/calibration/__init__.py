@@ -1,0 +1,1 @@
+"""INT8 calibration data built from the benchmark's training split, and calibrators (issue: engines)."""

@@ -1,0 +1,1 @@
+"""Console scripts: csp-export, csp-run, csp-eval, csp-bench (one module each)."""

@@ -1,0 +1,1 @@
+"""Benchmark tasks, the MileBench loader and scorers."""
