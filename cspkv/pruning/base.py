@@ -1,0 +1,239 @@
+"""The shared base of every pruning policy: validation, n-softmax, window sizes and static top-k.
+
+A policy turns the pre-softmax attention logits of a window of prefill queries into the set of key
+positions kept in the cache. It works in two steps, so the same code serves the PyTorch reference
+and the traced ONNX graph:
+
+  1. ``score``: per-key scores, summed over the window's query rows and the G query heads of each
+     KV head. Sums over rows are additive, so a caller may score the window in chunks (H2O scores
+     every prefill query that way without holding an L x L matrix).
+  2. ``keep_mask``: which keys to keep, given the scores and the budget. Budgets may be Python ints
+     or integer tensors (the export's valid length is a graph input), and every op is static-shape.
+
+Key positions carry a modality id: TEXT (0), IMAGE (1) or PAD (-1). Valid keys are a prefix of the
+L positions (prompts are right-padded); padded keys are never kept and padded window rows (query
+modality PAD) contribute nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+TEXT, IMAGE, PAD = 0, 1, -1
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+def n_softmax(logits: torch.Tensor, n: float = 1.0, dim: int = -1) -> torch.Tensor:
+    """``exp(x_i) / (n + sum_j exp(x_j))``, computed stably; n = 0 is the ordinary softmax.
+
+    Shifted by the row max m: ``exp(x - m) / (n * exp(-m) + sum exp(x - m))``, with ``n * exp(-m)``
+    written as ``exp(log n - m)`` so that n = 0 contributes exactly nothing even when exp(-m)
+    overflows. Fully masked rows (all -inf) give zeros instead of NaN.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    row_max = logits.amax(dim=dim, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted = torch.exp(logits - row_max)
+    denom = shifted.sum(dim=dim, keepdim=True)
+    if n > 0:
+        denom = denom + torch.exp(math.log(n) - row_max)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, shifted / safe, torch.zeros_like(shifted))
+
+
+def floor_ratio(ratio: float, count: IntOrTensor) -> IntOrTensor:
+    """floor(ratio * count) in float64, identical for Python ints and tensors (and in ONNX)."""
+    if isinstance(count, torch.Tensor):
+        return torch.floor(count.to(torch.float64) * ratio).to(torch.int64)
+    return math.floor(ratio * count)
+
+
+def keep_count(budget: float, n_valid: IntOrTensor) -> IntOrTensor:
+    """Entries kept per layer and KV head for a budget: C = ceil(budget * L)."""
+    check_budget(budget)
+    if isinstance(n_valid, torch.Tensor):
+        return torch.ceil(n_valid.to(torch.float64) * budget).to(torch.int64)
+    return math.ceil(budget * n_valid)
+
+
+def check_budget(budget: float) -> None:
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not (0.0 < budget <= 1.0):
+        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
+
+
+def _as_batch(value: IntOrTensor, like: torch.Tensor) -> torch.Tensor:
+    """An int64 tensor broadcastable to [B, H, 1] from an int, a [B] or a [B, H] tensor."""
+    if isinstance(value, torch.Tensor):
+        value = value.to(torch.int64)
+        return value[..., None] if value.dim() == 2 else value.reshape(-1, 1, 1)
+    return torch.full((1, 1, 1), value, dtype=torch.int64, device=like.device)
+
+
+def rank_descending(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim, best first; ties go to the lower index.
+
+    A stable descending sort gives exactly ONNX TopK's tie rule (lower index first), so the
+    reference and the exported graph pick the same keys even on equal scores.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: IntOrTensor) -> torch.Tensor:
+    """Boolean mask of the k best ``allowed`` entries along the last dim (k may differ per batch)."""
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    return allowed & (rank_descending(masked) < _as_batch(k, scores))
+
+
+def mask_to_indices(keep: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The first ``n_keep`` kept positions in ascending order, as int64 [B, H, n_keep].
+
+    Kept positions j get the key L - j (distinct, positive) and dropped ones 0, so a top-k returns
+    kept positions in ascending order first; with fewer kept than n_keep the tail is padding that
+    the caller marks invalid.
+    """
+    length = keep.shape[-1]
+    positions = torch.arange(length, device=keep.device)
+    key = torch.where(keep, length - positions, torch.zeros_like(positions))
+    return torch.topk(key, n_keep, dim=-1, sorted=True).indices
+
+
+class PruningPolicy:
+    """Base of every policy. Subclasses set ``name`` and implement ``score`` (and, if the plain
+    "recent window + top-k of one score" rule does not fit, ``keep_mask``)."""
+
+    name = "base"
+
+    def __init__(self, window_ratio: float = 0.1, recent_ratio: float = 1.0):
+        if not (0.0 < window_ratio <= 1.0):
+            raise ValueError(f"window_ratio must be in (0, 1], got {window_ratio!r}")
+        if recent_ratio < 0:
+            raise ValueError(f"recent_ratio (beta) must be >= 0, got {recent_ratio!r}")
+        self.window_ratio = float(window_ratio)
+        self.recent_ratio = float(recent_ratio)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({params})"
+
+    def params(self) -> dict:
+        return {"window_ratio": self.window_ratio, "recent_ratio": self.recent_ratio}
+
+    # --- window sizes -------------------------------------------------------------------------
+    def observation_window(self, n_valid: IntOrTensor) -> IntOrTensor:
+        """W = floor(window_ratio * L), at least 1 (a window of no query would score nothing)."""
+        w = floor_ratio(self.window_ratio, n_valid)
+        return torch.clamp(w, min=1) if isinstance(w, torch.Tensor) else max(1, w)
+
+    def scoring_window(self, n_valid: IntOrTensor) -> IntOrTensor:
+        """How many of the last valid queries the caller must pass to ``score`` (H2O: all)."""
+        return self.observation_window(n_valid)
+
+    def recent_window(self, n_valid: IntOrTensor, n_keep: IntOrTensor) -> IntOrTensor:
+        """R = floor(beta * W) most recent keys, always kept; the budget wins if C < R."""
+        r = floor_ratio(self.recent_ratio, self.observation_window(n_valid))
+        if isinstance(r, torch.Tensor) or isinstance(n_keep, torch.Tensor):
+            return torch.minimum(torch.as_tensor(r), torch.as_tensor(n_keep))
+        return min(r, n_keep)
+
+    # --- the two steps ------------------------------------------------------------------------
+    def score(self, window_logits: torch.Tensor, key_modality: torch.Tensor,
+              query_modality: torch.Tensor) -> torch.Tensor:
+        """Per-key scores [B, H_kv, S, L] (S score channels), summed over window rows and G heads."""
+        raise NotImplementedError
+
+    def keep_mask(self, scores: torch.Tensor, key_modality: torch.Tensor,
+                  n_keep: IntOrTensor) -> torch.Tensor:
+        """Keep the recent window plus the best candidates of score channel 0: bool [B, H_kv, L]."""
+        valid, recent, candidates = self.regions(key_modality, n_keep)
+        chosen = top_k_mask(scores[:, :, 0], candidates, self._selectable(key_modality, n_keep))
+        return recent | chosen
+
+    # --- helpers shared by subclasses ---------------------------------------------------------
+    def regions(self, key_modality: torch.Tensor, n_keep: IntOrTensor):
+        """(valid, recent, candidates) masks [B, 1, L]: candidates are valid and not recent."""
+        n_valid = (key_modality >= 0).sum(-1)
+        recent_len = self.recent_window(n_valid, n_keep)
+        positions = torch.arange(key_modality.shape[-1], device=key_modality.device)
+        valid = (key_modality >= 0)[:, None, :]
+        recent = valid & (positions >= (n_valid - recent_len)[:, None])[:, None, :]
+        return valid, recent, valid & ~recent
+
+    def _selectable(self, key_modality: torch.Tensor, n_keep: IntOrTensor) -> torch.Tensor:
+        """K = C - R: how many candidates each batch row may keep besides the recent window."""
+        n_valid = (key_modality >= 0).sum(-1)
+        return torch.as_tensor(n_keep) - self.recent_window(n_valid, n_keep)
+
+    @staticmethod
+    def window_probabilities(window_logits: torch.Tensor, key_modality: torch.Tensor,
+                             query_modality: torch.Tensor, n: float = 0.0) -> torch.Tensor:
+        """(n-)softmax over keys of every window row: [B, H_kv, G, W, L].
+
+        Padded keys are masked here whatever logits the caller gave them, and padded rows zeroed,
+        so padding can never shift a valid key's score.
+        """
+        key_valid = (key_modality >= 0)[:, None, None, None, :]
+        logits = window_logits.float().masked_fill(~key_valid, float("-inf"))
+        probs = n_softmax(logits, n=n, dim=-1)
+        row_valid = (query_modality >= 0)[:, None, None, :, None]
+        return torch.where(row_valid, probs, torch.zeros_like(probs))
+
+    # --- the public entry point ---------------------------------------------------------------
+    def select(self, window_logits: torch.Tensor, key_modality: torch.Tensor,
+               query_modality: torch.Tensor, n_keep: int) -> torch.Tensor:
+        """Kept key indices, int64 [B, H_kv, n_keep], sorted ascending.
+
+        window_logits: [B, H_kv, G, W, L] pre-softmax logits of the last W valid queries (causal
+        mask applied as -inf); key_modality [B, L] and query_modality [B, W]: 0 text, 1 image,
+        -1 padding; n_keep: entries kept per KV head, recent window included.
+        """
+        check_select_inputs(window_logits, key_modality, query_modality, n_keep)
+        scores = self.score(window_logits, key_modality, query_modality)
+        return self.indices_from_scores(scores, key_modality, n_keep)
+
+    def indices_from_scores(self, scores: torch.Tensor, key_modality: torch.Tensor,
+                            n_keep: int) -> torch.Tensor:
+        """Kept indices [B, H_kv, n_keep] (ascending) from precomputed ``score`` output."""
+        keep = self.keep_mask(scores, key_modality, n_keep)
+        keep = keep.expand(scores.shape[0], scores.shape[1], -1)
+        kept = keep.sum(-1)
+        if not bool((kept == n_keep).all()):
+            raise RuntimeError(f"{self.name} kept {kept.tolist()} entries instead of n_keep={n_keep}")
+        return mask_to_indices(keep, n_keep)
+
+
+def check_select_inputs(window_logits, key_modality, query_modality, n_keep) -> None:
+    """Validate ``select``'s arguments; every message names the argument at fault."""
+    if not isinstance(window_logits, torch.Tensor) or window_logits.dim() != 5:
+        raise ValueError("window_logits must be a tensor of shape [B, H_kv, G, W, L], got "
+                         f"{getattr(window_logits, 'shape', type(window_logits).__name__)}")
+    if not window_logits.is_floating_point():
+        raise ValueError(f"window_logits must be floating point, got {window_logits.dtype}")
+    batch, _, _, window, length = window_logits.shape
+    if not isinstance(key_modality, torch.Tensor) or tuple(key_modality.shape) != (batch, length):
+        raise ValueError(f"key_modality must have shape [B, L] = [{batch}, {length}], got "
+                         f"{getattr(key_modality, 'shape', type(key_modality).__name__)}")
+    if not isinstance(query_modality, torch.Tensor) or tuple(query_modality.shape) != (batch, window):
+        raise ValueError(f"query_modality must have shape [B, W] = [{batch}, {window}], got "
+                         f"{getattr(query_modality, 'shape', type(query_modality).__name__)}")
+    for name, mod in (("key_modality", key_modality), ("query_modality", query_modality)):
+        if mod.is_floating_point() or not bool(((mod >= PAD) & (mod <= IMAGE)).all()):
+            raise ValueError(f"{name} must hold integer ids 0 (text), 1 (image) or -1 (padding)")
+    valid = key_modality >= 0
+    n_valid = valid.sum(-1)
+    prefix = torch.arange(length, device=valid.device)[None, :] < n_valid[:, None]
+    if not bool((valid == prefix).all()):
+        raise ValueError("key_modality: valid keys must come first and padding (-1) last")
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int):
+        raise ValueError(f"n_keep must be a Python int, got {type(n_keep).__name__}")
+    if n_keep < 1:
+        raise ValueError(f"n_keep must be >= 1, got {n_keep}")
+    smallest = int(n_valid.min())
+    if n_keep > smallest:
+        raise ValueError(f"n_keep ({n_keep}) is larger than the number of valid keys ({smallest})")

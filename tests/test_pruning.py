@@ -1,0 +1,205 @@
+"""The pruning policies: agreement with loop-based references, invariants, CSP's own properties."""
+
+import math
+
+import pytest
+import torch
+
+from cspkv.pruning import available_policies, get_policy, keep_count, n_softmax
+from naive_policies import naive_n_softmax, naive_select, random_inputs
+
+POLICY_PARAMS = {
+    "full": {},
+    "random": {"seed": 3},
+    "streaming_llm": {"n_sink": 4},
+    "h2o": {},
+    "snapkv": {"kernel_size": 5},
+    "lookm": {},
+    "csp": {"n": 1.0, "cross_ratio": 0.5},
+}
+
+
+def test_every_policy_is_covered():
+    assert set(available_policies()) == set(POLICY_PARAMS)
+
+
+@pytest.mark.parametrize("name", list(POLICY_PARAMS))
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_agrees_with_naive(name, seed):
+    groups = 1 + seed % 3                                # MHA (G=1) and GQA
+    logits, key_mod, query_mod = random_inputs(seed, batch=2, heads=3, groups=groups, length=48,
+                                               window=6, n_pad=seed, n_pad_rows=seed % 2,
+                                               ties=seed % 2 == 1)
+    n_valid = 48 - seed
+    n_keep = n_valid if name == "full" else [5, 12, 20, n_valid][seed]
+    params = POLICY_PARAMS[name]
+    kept = get_policy(name, **params).select(logits, key_mod, query_mod, n_keep)
+    assert kept.shape == (2, 3, n_keep) and kept.dtype == torch.int64
+    for b in range(2):
+        for h in range(3):
+            expected = naive_select(name, logits[b, h], key_mod[b], query_mod[b], n_keep, head=h, **params)
+            assert kept[b, h].tolist() == expected, (name, b, h)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("variant", ["distinct", "paper"])
+def test_csp_cross_ratios_and_variants_agree_with_naive(ratio, variant):
+    logits, key_mod, query_mod = random_inputs(11, heads=2, groups=3, length=60, window=6)
+    params = {"cross_ratio": ratio, "variant": variant, "n": 2.0, "recent_ratio": 0.5}
+    kept = get_policy("csp", **params).select(logits, key_mod, query_mod, 20)
+    for h in range(2):
+        assert kept[0, h].tolist() == naive_select("csp", logits[0, h], key_mod[0], query_mod[0], 20, **params)
+
+
+@pytest.mark.parametrize("name", [n for n in POLICY_PARAMS if n != "full"])
+@pytest.mark.parametrize("n_keep", [1, 3, 9, 30, 45])
+def test_invariants(name, n_keep):
+    logits, key_mod, query_mod = random_inputs(5, batch=1, heads=2, groups=2, length=50, window=5, n_pad=5)
+    policy = get_policy(name)
+    kept = policy.select(logits, key_mod, query_mod, n_keep)
+    n_valid = 45
+    _, recent = 5, min(5, n_keep)            # W = floor(0.1 * 45) = 4 -> R = 4, capped by n_keep
+    recent = min(math.floor(1.0 * max(1, math.floor(0.1 * n_valid))), n_keep)
+    for row in kept[0]:
+        values = row.tolist()
+        assert values == sorted(values)
+        assert len(set(values)) == n_keep                      # distinct
+        assert all(0 <= j < n_valid for j in values)           # in range, never padding
+        assert set(range(n_valid - recent, n_valid)) <= set(values)
+
+
+def test_padding_is_never_looked_at():
+    """Changing padded keys' logits or padded window rows must not change the choice."""
+    logits, key_mod, query_mod = random_inputs(7, heads=2, groups=2, length=40, window=4, n_pad=6, n_pad_rows=1)
+    noisy = logits.clone()
+    noisy[..., 34:] = torch.randn_like(noisy[..., 34:]) * 100       # padded keys
+    noisy[:, :, :, 0, :] = torch.randn_like(noisy[:, :, :, 0, :]) * 100  # padded window row
+    for name in POLICY_PARAMS:
+        if name == "full":
+            continue
+        policy = get_policy(name)
+        assert torch.equal(policy.select(logits, key_mod, query_mod, 10),
+                           policy.select(noisy, key_mod, query_mod, 10)), name
+
+
+def test_paper_variant_is_two_independent_top_k_concatenated():
+    logits, key_mod, query_mod = random_inputs(2, heads=2, groups=2, length=60, window=6)
+    paper = get_policy("csp", variant="paper")
+    n_keep = 30
+    kept = paper.select(logits, key_mod, query_mod, n_keep)
+    scores = paper.score(logits, key_mod, query_mod)
+    recent = 6
+    cand = 60 - recent
+    k = n_keep - recent
+    k_c, k_s = math.floor(0.5 * k), k - math.floor(0.5 * k)
+    for h in range(2):
+        order = lambda s: sorted(range(cand), key=lambda j: (-float(s[j]), j))
+        by_cross = order(scores[0, h, 1])[:k_c]
+        by_self = order(scores[0, h, 0])[:k_s]
+        expected = sorted(list(range(cand, 60)) + by_cross + by_self)
+        assert kept[0, h].tolist() == expected
+    assert any(len(set(row.tolist())) < n_keep for row in kept[0])   # this input does duplicate
+
+
+def test_self_plus_cross_is_the_plain_window_score():
+    logits, key_mod, query_mod = random_inputs(4, heads=2, groups=3, length=50, window=5, n_pad_rows=1)
+    for n in (0.0, 1.0, 3.0):
+        scores = get_policy("csp", n=n).score(logits, key_mod, query_mod)
+        plain = n_softmax(logits, n=n) * (query_mod >= 0)[:, None, None, :, None]
+        torch.testing.assert_close(scores.sum(2), plain.sum(dim=(2, 3)), rtol=0, atol=1e-6)
+
+
+def test_n_softmax_formula_stability_and_n_zero():
+    x = torch.randn(6, 17, dtype=torch.float64)
+    for n in (0.5, 1.0, 4.0):
+        expected = torch.exp(x) / (n + torch.exp(x).sum(-1, keepdim=True))
+        torch.testing.assert_close(n_softmax(x, n=n), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(n_softmax(x, n=0.0), torch.softmax(x, -1), rtol=1e-12, atol=1e-15)
+    big = torch.tensor([[1e4, 1e4 - 1.0, -1e4], [-1e4, -1e4, -1e4 + 2.0]], dtype=torch.float32)
+    for n in (0.0, 1.0):
+        out = n_softmax(big, n=n)
+        assert torch.isfinite(out).all()
+        for row, ref in zip(out, big):
+            assert row.tolist() == pytest.approx(naive_n_softmax(ref.double().tolist(), n), abs=1e-6)
+    masked = torch.full((2, 5), float("-inf"))
+    for n in (0.0, 1.0):
+        assert torch.equal(n_softmax(masked, n=n), torch.zeros(2, 5))
+    # the null term down-weights weak rows: a row of all -5 logits keeps little mass under n = 1
+    weak = n_softmax(torch.full((1, 4), -5.0), n=1.0).sum()
+    assert weak < 0.03
+
+
+def _text_queries_attend_to_two_image_keys():
+    """60 positions: text 0-3, image 4-43, text 44-59. Every query sees the text prefix strongly;
+    image queries also attend to early image keys; the window's text queries attend moderately to
+    image keys 20 and 31 and to nothing else visual."""
+    length = 60
+    key_mod = torch.tensor([[0] * 4 + [1] * 40 + [0] * 16])
+    logits = torch.full((1, 1, 1, length, length), 0.0)
+    for i in range(length):
+        for j in range(length):
+            if j > i:
+                logits[0, 0, 0, i, j] = float("-inf")
+            elif key_mod[0, j] == 0:
+                logits[0, 0, 0, i, j] = 4.0
+            elif key_mod[0, i] == 1:
+                logits[0, 0, 0, i, j] = 2.0 if j < 12 else 0.0
+            elif j in (20, 31):
+                logits[0, 0, 0, i, j] = 2.5
+    return logits, key_mod
+
+
+def test_csp_keeps_the_image_tokens_text_attends_to_where_h2o_and_snapkv_drop_them():
+    logits, key_mod = _text_queries_attend_to_two_image_keys()
+    window = 6                                    # floor(0.1 * 60)
+    n_keep = 14
+    csp = get_policy("csp").select(logits[..., -window:, :], key_mod, key_mod[:, -window:], n_keep)
+    h2o = get_policy("h2o").select(logits, key_mod, key_mod, n_keep)
+    snap = get_policy("snapkv").select(logits[..., -window:, :], key_mod, key_mod[:, -window:], n_keep)
+    assert {20, 31} <= set(csp[0, 0].tolist())
+    assert not {20, 31} & set(h2o[0, 0].tolist())
+    assert not {20, 31} & set(snap[0, 0].tolist())
+
+
+def test_bad_input_names_the_argument():
+    logits, key_mod, query_mod = random_inputs(0, length=30, window=3)
+    policy = get_policy("csp")
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        get_policy("nope")
+    with pytest.raises(ValueError, match="cross_ratio"):
+        get_policy("csp", cross_ratio=1.5)
+    with pytest.raises(ValueError, match="bad parameter.*colour"):
+        get_policy("snapkv", colour="red")
+    with pytest.raises(ValueError, match="window_ratio"):
+        get_policy("h2o", window_ratio=0.0)
+    with pytest.raises(ValueError, match="n_keep \\(31\\) is larger"):
+        policy.select(logits, key_mod, query_mod, 31)
+    with pytest.raises(ValueError, match="n_keep must be a Python int"):
+        policy.select(logits, key_mod, query_mod, 3.0)
+    with pytest.raises(ValueError, match="key_modality must have shape"):
+        policy.select(logits, key_mod[:, :-1], query_mod, 10)
+    with pytest.raises(ValueError, match="query_modality must have shape"):
+        policy.select(logits, key_mod, query_mod[:, :-1], 10)
+    with pytest.raises(ValueError, match="window_logits must be a tensor"):
+        policy.select(logits[0], key_mod, query_mod, 10)
+    with pytest.raises(ValueError, match="key_modality: valid keys must come first"):
+        bad = key_mod.clone()
+        bad[0, 3] = -1
+        policy.select(logits, bad, query_mod, 10)
+    with pytest.raises(ValueError, match="full cache keeps every entry"):
+        get_policy("full").select(logits, key_mod, query_mod, 10)
+    for budget in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="budget must be a number in \\(0, 1\\]"):
+            keep_count(budget, 100)
+    assert keep_count(0.2, 101) == 21 and keep_count(1.0, 7) == 7
+
+
+def test_tensor_budgets_match_int_budgets():
+    """The export passes the budget as a tensor (valid length is a graph input): same result."""
+    logits, key_mod, query_mod = random_inputs(9, heads=2, groups=2, length=40, window=4)
+    for name in ("csp", "snapkv", "lookm", "streaming_llm"):
+        policy = get_policy(name)
+        scores = policy.score(logits, key_mod, query_mod)
+        as_int = policy.keep_mask(scores, key_mod, 13)
+        as_tensor = policy.keep_mask(scores, key_mod, torch.tensor([13]))
+        assert torch.equal(as_int, as_tensor), name
