@@ -1,0 +1,359 @@
+"""The PyTorch reference of CSP on transformers' LlavaForConditionalGeneration.
+
+Prefill runs the unmodified HF model with full attention, so the first generated token is the
+unpruned model's. While it runs, a hook on every attention layer recomputes the queries of the
+last W prompt positions (W x L logits per layer, never L x L) and hands them to each requested
+pruning policy, which keeps only its per-key scores. Pruning then gathers the kept K/V per layer and
+KV head, and decoding runs one token at a time over a static slot buffer (gpt-fast style) whose
+slot bookkeeping is :class:`cspkv.runtime.slot_reference.SlotTable`, the same specification the C
+runtime implements. Every other implementation (the ONNX graphs, the runtime) is checked against
+this module.
+
+Decoder layers must be Llama-style (pre-norm, q/k/v/o projections, rotary embeddings, gated MLP):
+Llama, Vicuna, Mistral and Qwen2 language models are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cspkv.pruning import IMAGE, PAD, TEXT, PruningPolicy, check_budget, get_policy, keep_count
+from cspkv.runtime.slot_reference import RING, RESCORE, SlotTable, null_slot_logit
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+DECODE_MODES = ("unbounded", RING, RESCORE)
+SCORE_CHUNK_ROWS = 256  # query rows scored at once: bounds memory at chunk x L per head
+
+
+def modality_ids(input_ids: torch.Tensor, image_token_id: int,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Modality of every prompt position: 1 where image features are spliced in, 0 text, -1 pad."""
+    modality = torch.where(input_ids == image_token_id, IMAGE, TEXT).to(torch.int64)
+    if attention_mask is not None:
+        modality = torch.where(attention_mask.bool(), modality, torch.full_like(modality, PAD))
+    return modality
+
+
+def check_llava_like(model) -> None:
+    """Refuse, with what to do, a model this reference cannot drive."""
+    inner = getattr(model, "model", None)
+    text_model = getattr(inner, "language_model", None)
+    if text_model is None or not hasattr(inner, "vision_tower") or not hasattr(model, "lm_head"):
+        raise ValueError(f"{type(model).__name__} is not LLaVA-like: cspkv needs a transformers "
+                         "LlavaForConditionalGeneration (vision tower + projector + language model)")
+    model_type = getattr(model.config.text_config, "model_type", None)
+    if model_type not in SUPPORTED_TEXT_MODELS:
+        raise ValueError(f"language model type {model_type!r} is not supported; cspkv drives "
+                         f"Llama-style decoders: {', '.join(SUPPORTED_TEXT_MODELS)}")
+
+
+def causal_window_logits(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
+                         scaling: float) -> torch.Tensor:
+    """Pre-softmax logits of some query rows against all keys, causal mask as -inf.
+
+    queries: [B, H_q, W, D] (rotary applied), keys: [B, H_kv, L, D] -> [B, H_kv, G, W, L], the G
+    query heads that share a KV head grouped together.
+    """
+    batch, n_q_heads, rows, dim = queries.shape
+    n_kv_heads, length = keys.shape[1], keys.shape[2]
+    grouped = queries.reshape(batch, n_kv_heads, n_q_heads // n_kv_heads, rows, dim)
+    logits = grouped @ keys[:, :, None].transpose(-1, -2) * scaling
+    future = torch.arange(length, device=keys.device)[None, :] > query_positions[:, None]
+    return logits.masked_fill(future, float("-inf"))
+
+
+@dataclass
+class Prefill:
+    """The unpruned prefill of one prompt, and each policy's per-key scores per layer."""
+
+    logits: torch.Tensor                  # [1, vocab]: next-token logits of the last prompt token
+    keys: list[torch.Tensor]              # per layer [1, H_kv, L, D], rotary applied
+    values: list[torch.Tensor]            # per layer [1, H_kv, L, D]
+    modality: torch.Tensor                # [1, L]
+    scores: dict[str, list[torch.Tensor]]  # policy key -> per layer [1, H_kv, S, L]
+    window_mass: list[torch.Tensor]       # per layer [1, H_kv, L]: mean softmax mass per window query
+    policies: dict[str, PruningPolicy] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.modality.shape[-1]
+
+
+@dataclass
+class PrunedCache:
+    keys: list[torch.Tensor]       # per layer [1, H_kv, C, D]
+    values: list[torch.Tensor]
+    positions: torch.Tensor        # [layers, H_kv, C] absolute positions of the kept entries
+    modality: torch.Tensor         # [layers, H_kv, C]
+    mass: torch.Tensor             # [layers, H_kv, C] window attention mass (re-score's start)
+    prompt_len: int
+
+    @property
+    def n_entries(self) -> int:
+        return self.positions.shape[-1]
+
+    def distinct_per_layer(self) -> list[int]:
+        """Distinct kept positions per layer (min over heads): below C only for csp 'paper'."""
+        return [min(len(set(head.tolist())) for head in layer) for layer in self.positions]
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    logits: list[torch.Tensor]     # per generated token, [vocab]
+    slots: int                     # slots per layer and KV head the cache held
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str | None
+    kept_per_layer: list[int]      # KV entries per layer and head after pruning (C)
+    distinct_per_layer: list[int]
+    prompt_len: int
+    slots: int
+    logits: list[torch.Tensor]
+
+
+class LlavaReference:
+    """Prefill, prune and decode a LlavaForConditionalGeneration, one prompt at a time (batch 1)."""
+
+    def __init__(self, model):
+        check_llava_like(model)
+        self.model = model.eval()
+        self.text_model = model.model.language_model
+        self.config = model.config.text_config
+        self.n_layers = self.config.num_hidden_layers
+        self.n_heads = self.config.num_attention_heads
+        self.n_kv_heads = getattr(self.config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+        self.image_token_id = model.config.image_token_id
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._apply_rotary = apply_rotary_pos_emb
+
+    # --- prefill ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                policies: dict[str, PruningPolicy], mass_window_ratio: float = 0.1) -> Prefill:
+        """Run the full-attention prefill and score every key with every policy, layer by layer."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must have shape [1, L] (batch 1), got {tuple(input_ids.shape)}")
+        max_pos = getattr(self.config, "max_position_embeddings", None)
+        if max_pos is not None and input_ids.shape[1] > max_pos:
+            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the model's "
+                             f"context ({max_pos}): shorten it or use fewer images")
+        modality = modality_ids(input_ids, self.image_token_id)
+        length = input_ids.shape[1]
+        scores = {key: [None] * self.n_layers for key in policies}
+        mass = [None] * self.n_layers
+        mass_rows = max(1, math.floor(mass_window_ratio * length))
+
+        def hook(module, args, kwargs, output):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            layer = module.layer_idx
+            keys = self._project(module.k_proj, hidden, self.n_kv_heads)
+            queries_all = module.q_proj  # projected lazily per chunk below
+            _, keys = self._apply_rotary(keys, keys, cos, sin)
+
+            def window_logits(first_row: int, last_row: int) -> torch.Tensor:
+                h = hidden[:, first_row:last_row]
+                q = self._project(queries_all, h, self.n_heads)
+                q, _ = self._apply_rotary(q, q, cos[:, first_row:last_row], sin[:, first_row:last_row])
+                rows = torch.arange(first_row, last_row, device=hidden.device)
+                return causal_window_logits(q, keys, rows, module.scaling)
+
+            for key, policy in policies.items():
+                rows = int(policy.scoring_window(length))
+                total = None
+                for start in range(length - rows, length, SCORE_CHUNK_ROWS):
+                    stop = min(start + SCORE_CHUNK_ROWS, length)
+                    part = policy.score(window_logits(start, stop), modality, modality[:, start:stop])
+                    total = part if total is None else total + part
+                scores[key][layer] = total
+            probs = PruningPolicy.window_probabilities(
+                window_logits(length - mass_rows, length), modality, modality[:, -mass_rows:])
+            mass[layer] = probs.sum(dim=(2, 3)) / mass_rows
+
+        handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True)
+                   for layer in self.text_model.layers]
+        try:
+            out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        keys = [cache.layers[i].keys for i in range(self.n_layers)]
+        values = [cache.layers[i].values for i in range(self.n_layers)]
+        return Prefill(logits=out.logits[:, -1].float(), keys=keys, values=values, modality=modality,
+                       scores=scores, window_mass=mass, policies=dict(policies))
+
+    def _project(self, linear, hidden: torch.Tensor, n_heads: int) -> torch.Tensor:
+        batch, rows, _ = hidden.shape
+        return linear(hidden).view(batch, rows, n_heads, self.head_dim).transpose(1, 2)
+
+    # --- pruning ------------------------------------------------------------------------------
+    def prune(self, prefill: Prefill, policy_key: str, budget: float) -> PrunedCache:
+        """Keep C = ceil(budget * L) entries per layer and KV head with the named policy's scores."""
+        policy = prefill.policies[policy_key]
+        n_keep = keep_count(budget, prefill.length)
+        if policy.name == "full" and n_keep != prefill.length:
+            raise ValueError("the full cache keeps every entry: use budget 1.0 with policy 'full'")
+        keys, values, positions, modality, mass = [], [], [], [], []
+        for layer in range(self.n_layers):
+            kept = self._kept_indices(policy, prefill, layer, n_keep)[0]        # [H_kv, C]
+            k_all, v_all = prefill.keys[layer], prefill.values[layer]
+            if hasattr(policy, "merge_evicted"):
+                k, v = policy.merge_evicted(k_all, v_all, kept[None], prefill.modality)
+            else:
+                index = kept[None, :, :, None].expand(-1, -1, -1, self.head_dim)
+                k, v = k_all.gather(2, index), v_all.gather(2, index)
+            keys.append(k)
+            values.append(v)
+            positions.append(kept)
+            modality.append(prefill.modality[0][kept])
+            mass.append(prefill.window_mass[layer][0].gather(-1, kept))
+        return PrunedCache(keys, values, torch.stack(positions), torch.stack(modality),
+                           torch.stack(mass), prefill.length)
+
+    def _kept_indices(self, policy: PruningPolicy, prefill: Prefill, layer: int, n_keep: int):
+        key = next(k for k, p in prefill.policies.items() if p is policy)
+        scores = prefill.scores[key][layer]
+        return policy.indices_from_scores(scores, prefill.modality, n_keep).expand(1, self.n_kv_heads, -1)
+
+    # --- decoding -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, pruned: PrunedCache, first_token: int, max_new_tokens: int,
+               mode: str = "unbounded", decode_slots: int | None = None, decode_n: float = 0.0,
+               n_recent: int = 16, n_sink: int = 4, eos_token_id: int | None = None) -> DecodeResult:
+        """Greedy decoding over a static slot buffer; ``first_token`` came from the prefill.
+
+        mode "unbounded": room for every generated token (the paper's growing cache);
+        "ring": ``decode_slots`` slots for generated tokens, the oldest overwritten when full;
+        "rescore": same slots, the lowest-scored non-recent, non-sink entry evicted when full.
+        decode_n > 0 adds the n-softmax null slot (zero K/V, logit log n) to every decode step.
+        """
+        if mode not in DECODE_MODES:
+            raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if mode == "unbounded":
+            decode_slots = max_new_tokens
+        elif decode_slots is None or decode_slots < 1:
+            raise ValueError(f"decode_slots must be >= 1 for mode {mode!r}, got {decode_slots!r}")
+        null_logit = null_slot_logit(decode_n)
+        n_slots = pruned.n_entries + decode_slots + (1 if null_logit is not None else 0)
+        table = SlotTable(self.n_layers, self.n_kv_heads, n_slots,
+                          policy=RESCORE if mode == RESCORE else RING,
+                          n_recent=n_recent, n_sink=n_sink, null_logit=null_logit)
+        table.load_prefill(pruned.positions.numpy(), pruned.modality.numpy(),
+                           np.full((self.n_layers, self.n_kv_heads), pruned.n_entries),
+                           pruned.prompt_len, pruned.mass.float().numpy())
+        dtype = pruned.keys[0].dtype
+        shape = (self.n_layers, 1, self.n_kv_heads, n_slots, self.head_dim)
+        cache_k, cache_v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        c = pruned.n_entries
+        for layer in range(self.n_layers):
+            cache_k[layer, :, :, :c] = pruned.keys[layer]
+            cache_v[layer, :, :, :c] = pruned.values[layer]
+
+        tokens, all_logits = [first_token], []
+        layer_idx = torch.arange(self.n_layers)[:, None]
+        head_idx = torch.arange(self.n_kv_heads)[None, :]
+        for step in range(max_new_tokens - 1):
+            if eos_token_id is not None and tokens[-1] == eos_token_id:
+                break
+            position = pruned.prompt_len + step
+            slots = torch.from_numpy(table.choose_write_slots(position)).long()
+            bias = torch.from_numpy(table.attention_bias())[:, None]          # [layers, 1, H, S]
+            logits, new_k, new_v, mass = self.decode_step(tokens[-1], position, cache_k, cache_v, bias)
+            # Write the new token's K/V into its slot in place (what the runtime does).
+            cache_k[layer_idx, 0, head_idx, slots] = new_k[:, 0, :, 0]
+            cache_v[layer_idx, 0, head_idx, slots] = new_v[:, 0, :, 0]
+            table.commit_token(slots.numpy(), position)
+            table.accumulate(mass[:, 0].numpy())
+            all_logits.append(logits[0])
+            tokens.append(int(logits[0].argmax()))
+        return DecodeResult(tokens=tokens, logits=all_logits, slots=n_slots)
+
+    def decode_step(self, token: int, position: int, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                    bias: torch.Tensor):
+        """One token through every decoder layer over the slot buffer.
+
+        cache_k/v: [layers, 1, H_kv, S, D]; bias: [layers, 1, H_kv, S] (0 valid, -inf free, log n
+        null slot). The token attends to the valid slots and to itself. Returns logits [1, vocab],
+        its K/V [layers, 1, H_kv, 1, D] and the attention mass each slot received, summed over the
+        query heads of its group: [layers, 1, H_kv, S].
+        """
+        text = self.text_model
+        hidden = text.embed_tokens(torch.tensor([[token]]))
+        position_ids = torch.tensor([[position]])
+        cos, sin = text.rotary_emb(hidden, position_ids)
+        new_keys, new_values, masses = [], [], []
+        n_slots = cache_k.shape[3]
+        for layer_index, layer in enumerate(text.layers):
+            attn = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            q = self._project(attn.q_proj, normed, self.n_heads)
+            k = self._project(attn.k_proj, normed, self.n_kv_heads)
+            v = self._project(attn.v_proj, normed, self.n_kv_heads)
+            q, k = self._apply_rotary(q, k, cos, sin)
+            keys = torch.cat([cache_k[layer_index], k], dim=2)                 # [1, H, S+1, D]
+            values = torch.cat([cache_v[layer_index], v], dim=2)
+            grouped = q.reshape(1, self.n_kv_heads, self.n_heads // self.n_kv_heads, 1, self.head_dim)
+            logits = grouped @ keys[:, :, None].transpose(-1, -2) * attn.scaling  # [1, H, G, 1, S+1]
+            self_bias = torch.zeros(1, self.n_kv_heads, 1, dtype=bias.dtype)
+            logits = logits + torch.cat([bias[layer_index], self_bias], dim=-1)[:, :, None, None, :]
+            probs = torch.softmax(logits.float(), dim=-1).to(values.dtype)
+            out = (probs @ values[:, :, None]).reshape(1, 1, self.n_heads * self.head_dim)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            new_keys.append(k)
+            new_values.append(v)
+            masses.append(probs.sum(dim=(2, 3))[..., :n_slots])
+        logits = self.model.lm_head(text.norm(hidden))[:, -1].float()
+        return logits, torch.stack(new_keys), torch.stack(new_values), torch.stack(masses)
+
+
+def generate_from_ids(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                      policy: str = "csp", budget: float = 0.5, max_new_tokens: int = 32,
+                      policy_params: dict | None = None, mode: str = "unbounded",
+                      decode_slots: int | None = None, decode_n: float = 0.0,
+                      eos_token_id: int | None = None, **decode_kwargs) -> GenerationResult:
+    """Prefill, prune with one policy at one budget, and decode greedily."""
+    check_budget(budget)  # fail before the expensive prefill
+    if mode not in DECODE_MODES:
+        raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+    reference = LlavaReference(model)
+    pruning_policy = get_policy(policy, **(policy_params or {}))
+    prefill = reference.prefill(input_ids, pixel_values, {policy: pruning_policy})
+    pruned = reference.prune(prefill, policy, budget)
+    first = int(prefill.logits[0].argmax())
+    result = reference.decode(pruned, first, max_new_tokens, mode=mode, decode_slots=decode_slots,
+                              decode_n=decode_n, eos_token_id=eos_token_id, **decode_kwargs)
+    return GenerationResult(tokens=result.tokens, text=None,
+                            kept_per_layer=[pruned.n_entries] * reference.n_layers,
+                            distinct_per_layer=pruned.distinct_per_layer(),
+                            prompt_len=prefill.length, slots=result.slots,
+                            logits=[prefill.logits[0]] + result.logits)
+
+
+def generate(model, processor, images, prompt: str, policy: str = "csp", budget: float = 0.5,
+             max_new_tokens: int = 32, **kwargs) -> GenerationResult:
+    """Reference generation from images and a prompt: tokens, text and kept entries per layer.
+
+    ``processor`` is the model's processor (it expands the image token and makes pixel_values);
+    the prompt must contain one image token per image.
+    """
+    inputs = processor(images=list(images) or None, text=prompt, return_tensors="pt")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    kwargs.setdefault("eos_token_id", getattr(tokenizer, "eos_token_id", None))
+    result = generate_from_ids(model, inputs["input_ids"], inputs.get("pixel_values"), policy=policy,
+                               budget=budget, max_new_tokens=max_new_tokens, **kwargs)
+    result.text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+    return result
