@@ -8,7 +8,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from cspkv.models.llava import LlavaReference, generate_from_ids, modality_ids
 from cspkv.pruning import available_policies, get_policy, n_softmax
-from tiny_llava import IMAGE_TOKEN, multi_image_prompt, tiny_llava
+from cspkv.models.tiny import IMAGE_TOKEN, multi_image_prompt, tiny_llava
 
 ARCHS = {"gqa": dict(n_heads=4, n_kv_heads=2), "mha": dict(n_heads=4, n_kv_heads=4)}
 

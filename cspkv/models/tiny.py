@@ -1,4 +1,8 @@
-"""Small random LLaVA models built from configs (no hub access), and prompts with several images."""
+"""Small random LLaVA models built from configs (no hub access), and prompts with several images.
+
+They exercise every code path in seconds: tests use them, and `csp-run --model tiny` runs the whole
+reference pipeline on them where no real model is at hand.
+"""
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
