@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cspkv.pruning import IMAGE, PAD, TEXT, PruningPolicy, check_budget, get_policy, keep_count
+from cspkv.models.static_llama import decode_step, project_heads
 from cspkv.runtime.slot_reference import RING, RESCORE, SlotTable, null_slot_logit
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
@@ -157,13 +158,13 @@ class LlavaReference:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
             layer = module.layer_idx
-            keys = self._project(module.k_proj, hidden, self.n_kv_heads)
+            keys = project_heads(module.k_proj, hidden, self.n_kv_heads, self.head_dim)
             queries_all = module.q_proj  # projected lazily per chunk below
             _, keys = self._apply_rotary(keys, keys, cos, sin)
 
             def window_logits(first_row: int, last_row: int) -> torch.Tensor:
                 h = hidden[:, first_row:last_row]
-                q = self._project(queries_all, h, self.n_heads)
+                q = project_heads(queries_all, h, self.n_heads, self.head_dim)
                 q, _ = self._apply_rotary(q, q, cos[:, first_row:last_row], sin[:, first_row:last_row])
                 rows = torch.arange(first_row, last_row, device=hidden.device)
                 return causal_window_logits(q, keys, rows, module.scaling)
@@ -192,10 +193,6 @@ class LlavaReference:
         values = [cache.layers[i].values for i in range(self.n_layers)]
         return Prefill(logits=out.logits[:, -1].float(), keys=keys, values=values, modality=modality,
                        scores=scores, window_mass=mass, policies=dict(policies))
-
-    def _project(self, linear, hidden: torch.Tensor, n_heads: int) -> torch.Tensor:
-        batch, rows, _ = hidden.shape
-        return linear(hidden).view(batch, rows, n_heads, self.head_dim).transpose(1, 2)
 
     # --- pruning ------------------------------------------------------------------------------
     def prune(self, prefill: Prefill, policy_key: str, budget: float) -> PrunedCache:
@@ -255,12 +252,11 @@ class LlavaReference:
                            np.full((self.n_layers, self.n_kv_heads), pruned.n_entries),
                            pruned.prompt_len, pruned.mass.float().numpy())
         dtype = pruned.keys[0].dtype
-        shape = (self.n_layers, 1, self.n_kv_heads, n_slots, self.head_dim)
-        cache_k, cache_v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        kv = torch.zeros((self.n_layers, 2, 1, self.n_kv_heads, n_slots, self.head_dim), dtype=dtype)
         c = pruned.n_entries
         for layer in range(self.n_layers):
-            cache_k[layer, :, :, :c] = pruned.keys[layer]
-            cache_v[layer, :, :, :c] = pruned.values[layer]
+            kv[layer, 0, :, :, :c] = pruned.keys[layer]
+            kv[layer, 1, :, :, :c] = pruned.values[layer]
 
         tokens, all_logits = [first_token], []
         layer_idx = torch.arange(self.n_layers)[:, None]
@@ -271,53 +267,16 @@ class LlavaReference:
             position = pruned.prompt_len + step
             slots = torch.from_numpy(table.choose_write_slots(position)).long()
             bias = torch.from_numpy(table.attention_bias())[:, None]          # [layers, 1, H, S]
-            logits, new_k, new_v, mass = self.decode_step(tokens[-1], position, cache_k, cache_v, bias)
+            logits, new_kv, mass = decode_step(self.text_model, self.model.lm_head,
+                                               torch.tensor([[tokens[-1]]]), torch.tensor([position]),
+                                               kv, bias)
             # Write the new token's K/V into its slot in place (what the runtime does).
-            cache_k[layer_idx, 0, head_idx, slots] = new_k[:, 0, :, 0]
-            cache_v[layer_idx, 0, head_idx, slots] = new_v[:, 0, :, 0]
+            kv[layer_idx, :, 0, head_idx, slots] = new_kv[:, :, 0, :, 0].permute(0, 2, 1, 3)
             table.commit_token(slots.numpy(), position)
             table.accumulate(mass[:, 0].numpy())
             all_logits.append(logits[0])
             tokens.append(int(logits[0].argmax()))
         return DecodeResult(tokens=tokens, logits=all_logits, slots=n_slots)
-
-    def decode_step(self, token: int, position: int, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                    bias: torch.Tensor):
-        """One token through every decoder layer over the slot buffer.
-
-        cache_k/v: [layers, 1, H_kv, S, D]; bias: [layers, 1, H_kv, S] (0 valid, -inf free, log n
-        null slot). The token attends to the valid slots and to itself. Returns logits [1, vocab],
-        its K/V [layers, 1, H_kv, 1, D] and the attention mass each slot received, summed over the
-        query heads of its group: [layers, 1, H_kv, S].
-        """
-        text = self.text_model
-        hidden = text.embed_tokens(torch.tensor([[token]]))
-        position_ids = torch.tensor([[position]])
-        cos, sin = text.rotary_emb(hidden, position_ids)
-        new_keys, new_values, masses = [], [], []
-        n_slots = cache_k.shape[3]
-        for layer_index, layer in enumerate(text.layers):
-            attn = layer.self_attn
-            normed = layer.input_layernorm(hidden)
-            q = self._project(attn.q_proj, normed, self.n_heads)
-            k = self._project(attn.k_proj, normed, self.n_kv_heads)
-            v = self._project(attn.v_proj, normed, self.n_kv_heads)
-            q, k = self._apply_rotary(q, k, cos, sin)
-            keys = torch.cat([cache_k[layer_index], k], dim=2)                 # [1, H, S+1, D]
-            values = torch.cat([cache_v[layer_index], v], dim=2)
-            grouped = q.reshape(1, self.n_kv_heads, self.n_heads // self.n_kv_heads, 1, self.head_dim)
-            logits = grouped @ keys[:, :, None].transpose(-1, -2) * attn.scaling  # [1, H, G, 1, S+1]
-            self_bias = torch.zeros(1, self.n_kv_heads, 1, dtype=bias.dtype)
-            logits = logits + torch.cat([bias[layer_index], self_bias], dim=-1)[:, :, None, None, :]
-            probs = torch.softmax(logits.float(), dim=-1).to(values.dtype)
-            out = (probs @ values[:, :, None]).reshape(1, 1, self.n_heads * self.head_dim)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            new_keys.append(k)
-            new_values.append(v)
-            masses.append(probs.sum(dim=(2, 3))[..., :n_slots])
-        logits = self.model.lm_head(text.norm(hidden))[:, -1].float()
-        return logits, torch.stack(new_keys), torch.stack(new_values), torch.stack(masses)
 
 
 def generate_from_ids(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,

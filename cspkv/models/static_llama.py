@@ -1,0 +1,102 @@
+"""Static-shape forward passes of a Llama-style decoder, written as plain tensor code.
+
+These are what the ONNX graphs are traced from (no HF cache objects, no data-dependent shapes), and
+the reference decoder calls ``decode_step`` too, so the exported decode graph and the reference run
+one implementation. The prefill here is checked against the unmodified HF forward in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class DecoderShape:
+    """Head counts and sizes read from a text config."""
+
+    def __init__(self, config):
+        self.n_layers = config.num_hidden_layers
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.groups = self.n_heads // self.n_kv_heads
+
+
+def project_heads(linear, hidden: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """[B, T, hidden] -> [B, n_heads, T, head_dim]."""
+    batch, rows, _ = hidden.shape
+    return linear(hidden).view(batch, rows, n_heads, head_dim).transpose(1, 2)
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                      scaling: float):
+    """Attention of q [B, H_q, T, D] over keys/values [B, H_kv, S, D] with an additive bias
+    broadcastable to [B, H_kv, G, T, S]. Returns the output [B, T, H_q * D] and the probabilities
+    [B, H_kv, G, T, S]."""
+    batch, n_heads, rows, dim = q.shape
+    n_kv = keys.shape[1]
+    grouped = q.reshape(batch, n_kv, n_heads // n_kv, rows, dim)
+    logits = grouped @ keys[:, :, None].transpose(-1, -2) * scaling + bias
+    probs = torch.softmax(logits.float(), dim=-1).to(values.dtype)
+    out = probs @ values[:, :, None]                                   # [B, H_kv, G, T, D]
+    return out.reshape(batch, n_heads, rows, dim).transpose(1, 2).reshape(batch, rows, n_heads * dim), probs
+
+
+def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor, kv: torch.Tensor,
+                bias: torch.Tensor):
+    """One token through every decoder layer over a slot buffer.
+
+    token [1, 1] int64; position [1] int64 (absolute); kv [layers, 2, 1, H_kv, S, D]; bias
+    [layers, 1, H_kv, S] (0 valid, -inf free, log n for the n-softmax null slot). The token attends
+    to the slots and to itself; the buffer is not modified (the caller writes the new K/V in place).
+    Returns logits [1, vocab], new_kv [layers, 2, 1, H_kv, 1, D], and mass [layers, 1, H_kv, S]:
+    the attention each slot received, summed over the query heads of its group.
+    """
+    shape = DecoderShape(text_model.config)
+    hidden = text_model.embed_tokens(token)
+    cos, sin = text_model.rotary_emb(hidden, position.reshape(1, 1))
+    new_kv, masses = [], []
+    n_slots = kv.shape[4]
+    self_bias = torch.zeros(1, shape.n_kv_heads, 1, dtype=bias.dtype)
+    for index, layer in enumerate(text_model.layers):
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        q = project_heads(attn.q_proj, normed, shape.n_heads, shape.head_dim)
+        k = project_heads(attn.k_proj, normed, shape.n_kv_heads, shape.head_dim)
+        v = project_heads(attn.v_proj, normed, shape.n_kv_heads, shape.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        keys = torch.cat([kv[index, 0], k], dim=2)                     # [1, H_kv, S+1, D]
+        values = torch.cat([kv[index, 1], v], dim=2)
+        step_bias = torch.cat([bias[index], self_bias], dim=-1)[:, :, None, None, :]
+        out, probs = grouped_attention(q, keys, values, step_bias, attn.scaling)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        new_kv.append(torch.stack([k, v]))
+        masses.append(probs.sum(dim=(2, 3))[..., :n_slots])
+    logits = lm_head(text_model.norm(hidden))[:, -1].float()
+    return logits, torch.stack(new_kv), torch.stack(masses)
+
+
+def prefill_layers(text_model, embeds: torch.Tensor, valid_length: torch.Tensor, on_layer):
+    """Full causal attention over a right-padded prompt [1, P, hidden]; keys at or past
+    valid_length are masked. ``on_layer(index, q, k, v)`` sees each layer's rotary-applied
+    queries [1, H_q, P, D] and keys/values [1, H_kv, P, D]. Returns the final hidden states."""
+    shape = DecoderShape(text_model.config)
+    length = embeds.shape[1]
+    positions = torch.arange(length, dtype=torch.int64)
+    cos, sin = text_model.rotary_emb(embeds, positions[None])
+    allowed = (positions[None, :] <= positions[:, None]) & (positions[None, :] < valid_length)
+    mask = torch.zeros(length, length).masked_fill(~allowed, float("-inf"))
+    hidden = embeds
+    for index, layer in enumerate(text_model.layers):
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        q = project_heads(attn.q_proj, normed, shape.n_heads, shape.head_dim)
+        k = project_heads(attn.k_proj, normed, shape.n_kv_heads, shape.head_dim)
+        v = project_heads(attn.v_proj, normed, shape.n_kv_heads, shape.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out, _ = grouped_attention(q, k, v, mask, attn.scaling)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        on_layer(index, q, k, v)
+    return hidden
