@@ -1,0 +1,122 @@
+"""The torch modules traced into the three static-shape ONNX graphs.
+
+vision:  pixel_values [N_img, 3, H, W] -> image_features [N_img, T, hidden]
+prefill: input_ids [1, P], image_embeds [1, P, hidden] (image features already placed at the image
+         positions, zeros elsewhere: placing them is an index assignment the runtime does in
+         place, while the token embedding stays inside the graph that owns the table), modality
+         [1, P], valid_length [1]
+         -> logits [1, vocab] of the last valid token, kv [layers, 2, 1, H_kv, S, D], and per slot
+         position / modality / valid [layers, H_kv, S] (int64) and mass [layers, H_kv, S] (float)
+decode:  token [1, 1], position [1], kv [layers, 2, 1, H_kv, S, D], bias [layers, 1, H_kv, S]
+         -> logits [1, vocab], new_kv [layers, 2, 1, H_kv, 1, D], mass [layers, 1, H_kv, S]
+
+Pruning inside prefill is the policy's own ``score`` and ``keep_mask`` with the budget as a tensor
+(C = ceil(budget * valid_length)), so a prompt shorter than P gets what the reference gives it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cspkv.models.static_llama import DecoderShape, decode_step, prefill_layers
+from cspkv.models.llava import causal_window_logits
+from cspkv.pruning import IMAGE, PAD, PruningPolicy, keep_count
+from cspkv.pruning.base import floor_ratio, mask_to_indices
+
+MASS_WINDOW_RATIO = 0.1  # the reference's window for the re-score starting mass
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.llava = model.model
+
+    def forward(self, pixel_values):
+        features = self.llava.get_image_features(pixel_values=pixel_values).pooler_output
+        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+
+def window_rows(valid_length: torch.Tensor, rows_needed: torch.Tensor, max_rows: int):
+    """The last ``max_rows`` query positions ending at valid_length - 1 (clamped at 0) and a mask of
+    the ones that belong to a window of ``rows_needed`` rows (the others are padding rows)."""
+    offsets = torch.arange(max_rows, dtype=torch.int64)
+    positions = torch.clamp(valid_length - max_rows + offsets, min=0)
+    in_window = offsets >= max_rows - rows_needed
+    return positions, in_window
+
+
+class PrefillGraph(nn.Module):
+    def __init__(self, model, policy: PruningPolicy, budget: float, max_prompt: int, n_slots: int):
+        super().__init__()
+        self.text = model.model.language_model
+        self.lm_head = model.lm_head
+        self.policy = policy
+        self.budget = budget
+        self.max_prompt = max_prompt
+        self.shape = DecoderShape(self.text.config)
+        self.max_keep = keep_count(budget, max_prompt)
+        if n_slots < self.max_keep:
+            raise ValueError(f"n_slots ({n_slots}) is below the prompt entries kept ({self.max_keep})")
+        self.n_slots = n_slots
+        # Static row counts: the most rows a window can need at P valid tokens.
+        self.max_score_rows = int(policy.scoring_window(max_prompt))
+        self.max_mass_rows = max(1, math.floor(MASS_WINDOW_RATIO * max_prompt))
+
+    def forward(self, input_ids, image_embeds, modality, valid_length):
+        text_embeds = self.text.embed_tokens(input_ids)
+        embeds = torch.where((modality == IMAGE)[..., None], image_embeds.to(text_embeds.dtype), text_embeds)
+        positions = torch.arange(self.max_prompt, dtype=torch.int64)
+        key_modality = torch.where(positions[None] < valid_length, modality, torch.full_like(modality, PAD))
+        n_keep = keep_count(self.budget, valid_length)                                # [1]
+        slot_index = torch.arange(self.max_keep, dtype=torch.int64)
+        slot_valid = slot_index < n_keep                                              # [C_max]
+        score_rows, score_in = window_rows(valid_length, self.policy.scoring_window(valid_length),
+                                           self.max_score_rows)
+        mass_needed = torch.clamp(floor_ratio(MASS_WINDOW_RATIO, valid_length), min=1)
+        mass_rows, mass_in = window_rows(valid_length, mass_needed, self.max_mass_rows)
+        outputs = []
+
+        def on_layer(index, q, k, v):
+            scaling = self.text.layers[index].self_attn.scaling
+            query_modality = torch.where(score_in[None], key_modality[:, score_rows], PAD)
+            logits = causal_window_logits(q[:, :, score_rows], k, score_rows, scaling)
+            scores = self.policy.score(logits, key_modality, query_modality)
+            keep = self.policy.keep_mask(scores, key_modality, n_keep)
+            kept = mask_to_indices(keep.expand(1, self.shape.n_kv_heads, -1), self.max_keep)[0]  # [H, C]
+            mass_modality = torch.where(mass_in[None], key_modality[:, mass_rows], PAD)
+            mass_logits = causal_window_logits(q[:, :, mass_rows], k, mass_rows, scaling)
+            probs = PruningPolicy.window_probabilities(mass_logits, key_modality, mass_modality)
+            mass = probs.sum(dim=(2, 3))[0] / mass_needed.to(probs.dtype)             # [H, P]
+            gather = kept[None, :, :, None].expand(1, -1, -1, self.shape.head_dim)
+            outputs.append((torch.stack([k.gather(2, gather), v.gather(2, gather)]), kept,
+                            mass.gather(1, kept)))
+
+        hidden = prefill_layers(self.text, embeds, valid_length, on_layer)
+        last = hidden[:, valid_length - 1]                                            # [1, 1, hidden]
+        logits = self.lm_head(self.text.norm(last))[:, -1].float()
+        pad = self.n_slots - self.max_keep
+        kv = torch.stack([o[0] for o in outputs])                                     # [layers, 2, 1, H, C, D]
+        kv = kv * slot_valid[:, None].to(kv.dtype)
+        kv = nn.functional.pad(kv, (0, 0, 0, pad))
+        kept = torch.stack([o[1] for o in outputs])                                   # [layers, H, C]
+        slot_position = nn.functional.pad(torch.where(slot_valid, kept, -1), (0, pad), value=-1)
+        kept_modality = key_modality[0][kept]
+        slot_modality = nn.functional.pad(torch.where(slot_valid, kept_modality, -1), (0, pad), value=-1)
+        valid = slot_valid.to(torch.int64).expand_as(kept)
+        slot_valid_out = nn.functional.pad(valid, (0, pad), value=0)
+        mass = torch.stack([o[2] for o in outputs]) * slot_valid.to(torch.float32)
+        slot_mass = nn.functional.pad(mass, (0, pad))
+        return logits, kv, slot_position, slot_modality, slot_valid_out, slot_mass
+
+
+class DecodeGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.text = model.model.language_model
+        self.lm_head = model.lm_head
+
+    def forward(self, token, position, kv, bias):
+        return decode_step(self.text, self.lm_head, token, position, kv, bias)
