@@ -115,15 +115,16 @@ class SlotTable:
         """Slot index per [layer, head] for the token at ``position``; evicted slots are invalidated."""
         n_layers, n_heads, _ = self.shape
         slots = np.empty((n_layers, n_heads), dtype=np.int32)
+        # Choose every slot first, then invalidate: an error leaves the table unchanged.
         for l in range(n_layers):
             for h in range(n_heads):
                 free = np.flatnonzero(~self.valid[l, h, : self.n_usable])
-                s = int(free[0]) if free.size else self._evict_one(l, h, position)
-                self.valid[l, h, s] = False
-                self.position[l, h, s] = -1
-                self.modality[l, h, s] = -1
-                self.score[l, h, s] = 0.0
-                slots[l, h] = s
+                slots[l, h] = int(free[0]) if free.size else self._evict_one(l, h, position)
+        l_idx, h_idx = np.indices(slots.shape)
+        self.valid[l_idx, h_idx, slots] = False
+        self.position[l_idx, h_idx, slots] = -1
+        self.modality[l_idx, h_idx, slots] = -1
+        self.score[l_idx, h_idx, slots] = 0.0
         return slots
 
     def attention_bias(self) -> np.ndarray:
