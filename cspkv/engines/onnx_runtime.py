@@ -1,0 +1,81 @@
+"""ONNX Runtime sessions over an export folder (CPU provider by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cspkv.export.manifest import ManifestError, read_manifest
+
+
+class OrtEngine:
+    """The three graphs of a csp-export folder as ONNX Runtime sessions, with shape checks."""
+
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {}
+        for role, name in self.manifest["graphs"].items():
+            try:
+                self.sessions[role] = ort.InferenceSession(str(self.folder / name), options,
+                                                           providers=providers or ["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own types for unreadable graphs
+                raise ManifestError(f"{self.folder / name} cannot be loaded by onnxruntime ({exc}): "
+                                    "re-run csp-export") from None
+        plan = self.manifest["plan"]
+        self.max_prompt = plan["max_prompt"]
+        self.n_slots = plan["n_slots"]
+        self.vision_batch = plan["vision_batch"]
+        self.image_size = plan["image_size"]
+        self.hidden_size = self.manifest["model"]["hidden_size"]
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[N, 3, H, W] float32 -> [N, T, hidden], run in the graph's static batch."""
+        pixel_values = np.asarray(pixel_values, dtype=np.float32)
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+            raise ValueError(f"images must be pixel_values of shape [N, {', '.join(map(str, expected))}], "
+                             f"got {list(pixel_values.shape)}: resize them to {self.image_size}x{self.image_size}")
+        outputs = []
+        for start in range(0, len(pixel_values), self.vision_batch):
+            chunk = pixel_values[start:start + self.vision_batch]
+            missing = self.vision_batch - len(chunk)
+            if missing:
+                chunk = np.concatenate([chunk, np.zeros((missing, *expected), np.float32)])
+            features = self.sessions["vision"].run(None, {"pixel_values": chunk})[0]
+            outputs.append(features[: self.vision_batch - missing])
+        return np.concatenate(outputs)
+
+    def prefill(self, input_ids: np.ndarray, modality: np.ndarray, image_features: np.ndarray | None) -> dict:
+        """Pad a prompt of L <= P_max tokens and run prefill; image features are placed at the
+        image positions in prompt order."""
+        length = len(input_ids)
+        if length > self.max_prompt:
+            raise ValueError(f"the prompt has {length} tokens but this export takes at most "
+                             f"{self.max_prompt} (--max-prompt): shorten it or re-export")
+        n_image = int((modality == 1).sum())
+        n_features = 0 if image_features is None else len(image_features)
+        if n_image != n_features:
+            raise ValueError(f"the prompt has {n_image} image positions but {n_features} image "
+                             "feature rows were given: one image token per feature row")
+        ids = np.zeros((1, self.max_prompt), np.int64)
+        ids[0, :length] = input_ids
+        mod = np.zeros((1, self.max_prompt), np.int64)
+        mod[0, :length] = modality
+        embeds = np.zeros((1, self.max_prompt, self.hidden_size), np.float32)
+        if n_image:
+            embeds[0, :length][modality == 1] = image_features
+        names = ["logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass"]
+        values = self.sessions["prefill"].run(names, {"input_ids": ids, "image_embeds": embeds,
+                                                      "modality": mod, "valid_length": np.array([length], np.int64)})
+        return dict(zip(names, values))
+
+    def decode(self, token: int, position: int, kv: np.ndarray, bias: np.ndarray):
+        return self.sessions["decode"].run(None, {"token": np.array([[token]], np.int64),
+                                                  "position": np.array([position], np.int64),
+                                                  "kv": kv, "bias": bias})

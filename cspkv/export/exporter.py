@@ -1,0 +1,148 @@
+"""Export a LLaVA model into a folder of static-shape ONNX graphs plus manifest.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cspkv.export.graphs import DecodeGraph, PrefillGraph, VisionGraph
+from cspkv.export.manifest import build_manifest, write_manifest
+from cspkv.export.onnx_ops import CUSTOM_TRANSLATIONS
+from cspkv.models.llava import check_llava_like
+from cspkv.models.static_llama import DecoderShape
+from cspkv.pruning import check_budget, get_policy, keep_count
+from cspkv.runtime.slot_reference import null_slot_logit
+
+OPSET = 18
+
+INPUTS = {
+    "vision": ["pixel_values"],
+    "prefill": ["input_ids", "image_embeds", "modality", "valid_length"],
+    "decode": ["token", "position", "kv", "bias"],
+}
+OUTPUTS = {
+    "vision": ["image_features"],
+    "prefill": ["logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass"],
+    "decode": ["logits", "new_kv", "mass"],
+}
+
+
+class ExportError(ValueError):
+    """A bad export request; the message says what to do."""
+
+
+@dataclass
+class ExportPlan:
+    """Every static size of an export, derived from the request and the model."""
+
+    policy: str
+    policy_params: dict
+    budget: float
+    max_prompt: int
+    decode_slots: int
+    decode_n: float
+    max_keep: int          # C_max = ceil(budget * P_max)
+    n_slots: int           # S = C_max + G (+1 n-softmax null slot)
+    vision_batch: int
+    image_size: int
+    image_tokens: int
+
+    @classmethod
+    def make(cls, model, policy: str, policy_params: dict | None, budget: float, max_prompt: int,
+             decode_slots: int, decode_n: float, vision_batch: int = 1) -> "ExportPlan":
+        try:
+            check_llava_like(model)
+            check_budget(budget)
+            pruning = get_policy(policy, **(policy_params or {}))
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        if getattr(pruning, "variant", "distinct") == "paper":
+            raise ExportError("csp variant 'paper' stores keys twice and has no static keep mask; "
+                              "export the default 'distinct' variant")
+        if getattr(pruning, "merge", False):
+            raise ExportError("lookm merge=True changes K/V values after selection and is not exported; "
+                              "export lookm without merge")
+        context = getattr(model.config.text_config, "max_position_embeddings", None)
+        if not isinstance(max_prompt, int) or max_prompt < 2:
+            raise ExportError(f"--max-prompt must be an integer >= 2, got {max_prompt!r}")
+        if decode_slots < 1:
+            raise ExportError(f"--decode-slots must be >= 1, got {decode_slots}")
+        if context is not None and max_prompt + decode_slots > context:
+            raise ExportError(f"--max-prompt {max_prompt} + --decode-slots {decode_slots} exceeds the "
+                              f"model's context of {context} positions: lower them")
+        if decode_n < 0:
+            raise ExportError(f"--n-decode must be >= 0, got {decode_n}")
+        max_keep = keep_count(budget, max_prompt)
+        n_slots = max_keep + decode_slots + (1 if null_slot_logit(decode_n) is not None else 0)
+        vision = model.config.vision_config
+        image_tokens = _image_tokens(model)
+        return cls(policy, pruning.params(), budget, max_prompt, decode_slots, decode_n, max_keep,
+                   n_slots, vision_batch, vision.image_size, image_tokens)
+
+
+def _image_tokens(model) -> int:
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    # "default" drops the CLS token, "full" keeps it; a tower without CLS would not have it anyway
+    return patches + (1 if strategy == "full" else 0)
+
+
+def _export_one(module: torch.nn.Module, args: tuple, path: Path, role: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
+                                    custom_translation_table=CUSTOM_TRANSLATIONS,
+                                    input_names=INPUTS[role], output_names=OUTPUTS[role],
+                                    external_data=False, verbose=False)
+    program.save(str(path))
+
+
+def example_inputs(model, plan: ExportPlan) -> dict[str, tuple]:
+    """Tracing inputs of each graph, with the static shapes of the plan."""
+    shape = DecoderShape(model.config.text_config)
+    hidden = model.config.text_config.hidden_size
+    p = plan.max_prompt
+    return {
+        "vision": (torch.zeros(plan.vision_batch, 3, plan.image_size, plan.image_size),),
+        "prefill": (torch.zeros(1, p, dtype=torch.int64), torch.zeros(1, p, hidden),
+                    torch.zeros(1, p, dtype=torch.int64), torch.tensor([max(2, p // 2)])),
+        "decode": (torch.zeros(1, 1, dtype=torch.int64), torch.tensor([p]),
+                   torch.zeros(shape.n_layers, 2, 1, shape.n_kv_heads, plan.n_slots, shape.head_dim),
+                   torch.zeros(shape.n_layers, 1, shape.n_kv_heads, plan.n_slots)),
+    }
+
+
+def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, force: bool = False,
+                 progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Write vision.onnx, prefill.onnx, decode.onnx and manifest.json into ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} already exists and is not empty: choose another --out or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    modules = {
+        "vision": VisionGraph(model),
+        "prefill": PrefillGraph(model, get_policy(plan.policy, **plan.policy_params), plan.budget,
+                                plan.max_prompt, plan.n_slots),
+        "decode": DecodeGraph(model),
+    }
+    inputs = example_inputs(model, plan)
+    timings = {}
+    for role, module in modules.items():
+        progress(f"exporting {role} graph")
+        start = time.perf_counter()
+        with torch.no_grad():
+            _export_one(module, inputs[role], out / f"{role}.onnx", role)
+        timings[role] = round(time.perf_counter() - start, 2)
+    manifest = build_manifest(model, model_id, plan, out, {r: f"{r}.onnx" for r in modules},
+                              INPUTS, OUTPUTS, OPSET, timings)
+    write_manifest(out, manifest)
+    return manifest
