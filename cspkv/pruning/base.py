@@ -36,8 +36,9 @@ def n_softmax(logits: torch.Tensor, n: float = 1.0, dim: int = -1) -> torch.Tens
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    row_max = logits.amax(dim=dim, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # A fully masked row has max -inf; clamping keeps exp(x - m) at exactly 0 there without an
+    # IsInf op (TensorRT-friendly), and no real logit is anywhere near -1e30.
+    row_max = torch.clamp(logits.amax(dim=dim, keepdim=True), min=-1e30)
     shifted = torch.exp(logits - row_max)
     denom = shifted.sum(dim=dim, keepdim=True)
     if n > 0:

@@ -1,0 +1,108 @@
+"""TensorRT-readiness of an exported graph, checked without TensorRT.
+
+What the TensorRT 10 ONNX parser needs of our graphs: only operators it imports (allow-list below,
+from onnx-tensorrt's operator support matrix, restricted to what cspkv's graphs use or may use),
+TopK with sorted=1 and a constant K below TensorRT's limit of 3840, no scatter of booleans, fully
+static shapes, opset 18, and every file under protobuf's 2 GB limit (larger weights go to external
+data). A failure names the node and says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+TENSORRT_OPS = frozenset({
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Ceil", "Clip", "Concat", "Constant",
+    "ConstantOfShape", "Conv", "Cos", "CumSum", "DequantizeLinear", "Div", "Einsum", "Equal", "Erf",
+    "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm",
+    "Greater", "GreaterOrEqual", "Identity", "IsNaN", "IsInf", "LayerNormalization", "Less",
+    "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mul", "Neg",
+    "Not", "Or", "Pad", "Pow", "QuantizeLinear", "Range", "Reciprocal", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSum", "Relu", "Reshape", "Resize", "ScatterElements",
+    "ScatterND", "Shape", "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze",
+    "Sub", "Sum", "Tanh", "Tile", "TopK", "Transpose", "Unsqueeze", "Where", "Xor",
+})
+TOPK_LIMIT = 3840
+OPSET = 18
+MAX_FILE_BYTES = 2 * 1024**3
+
+
+@dataclass
+class Readiness:
+    path: str
+    problems: list[str] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _static(value_info) -> bool:
+    dims = value_info.type.tensor_type.shape.dim
+    return value_info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims)
+
+
+def check_graph(path: str | Path, allow_custom_domains: tuple[str, ...] = ()) -> Readiness:
+    path = Path(path)
+    report = Readiness(str(path))
+    size = path.stat().st_size
+    if size >= MAX_FILE_BYTES:
+        report.problems.append(f"{path.name} is {size / 2**30:.2f} GB: save the weights as external data")
+    model = onnx.load(str(path))
+    opset = {imp.domain: imp.version for imp in model.opset_import}.get("", None)
+    if opset != OPSET:
+        report.problems.append(f"opset {opset}, expected {OPSET}")
+    inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    graph = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    constants = _constants(graph)
+    for node in graph.node:
+        report.op_counts[node.op_type] = report.op_counts.get(node.op_type, 0) + 1
+        if node.domain not in ("", "ai.onnx"):
+            if node.domain not in allow_custom_domains:
+                report.problems.append(f"node {node.name}: custom op {node.domain}::{node.op_type} needs a plugin")
+            continue
+        if node.op_type not in TENSORRT_OPS:
+            report.problems.append(f"node {node.name}: {node.op_type} is not imported by TensorRT 10's ONNX parser")
+        if node.op_type == "TopK":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("sorted", 1) != 1:
+                report.problems.append(f"node {node.name}: TopK must have sorted=1")
+            k = constants.get(node.input[1])
+            if k is None:
+                report.problems.append(f"node {node.name}: TopK's K is not a constant")
+            elif int(np.asarray(k).reshape(-1)[0]) >= TOPK_LIMIT:
+                report.problems.append(f"node {node.name}: TopK K={int(np.asarray(k).reshape(-1)[0])} is not below "
+                                       f"{TOPK_LIMIT}: lower --max-prompt")
+        if node.op_type in ("ScatterElements", "ScatterND", "Scatter"):
+            if types.get(node.input[0]) == onnx.TensorProto.BOOL:
+                report.problems.append(f"node {node.name}: {node.op_type} on booleans (scatter a number type)")
+    for vi in [*graph.input, *graph.output]:
+        if not _static(vi):
+            report.problems.append(f"{vi.name}: dynamic dimension in a graph input/output")
+    dynamic = [vi.name for vi in graph.value_info if not _static(vi)]
+    if dynamic:
+        report.problems.append(f"{len(dynamic)} intermediate tensors have dynamic or unknown shapes "
+                               f"(first: {dynamic[0]})")
+    return report
+
+
+def check_export(folder: str | Path, manifest: dict) -> dict[str, Readiness]:
+    return {role: check_graph(Path(folder) / name) for role, name in manifest["graphs"].items()}
