@@ -1,4 +1,4 @@
-"""csp-run: generate with pruning and a fixed-budget KV cache.
+"""csp-run: generate with pruning after prefill and a fixed number of KV slots.
 
 Today it runs the PyTorch reference (`--model`); running an exported engine folder through the C
 runtime (`--engine`) arrives with the runtime issue.
@@ -11,58 +11,67 @@ import click
 from cspkv.cli._common import not_built_yet
 
 MIB = 1024 * 1024
+DEMO_QUESTION = "Which image shows the blue circle? Answer with the image number."
 
 
-def _load_model(name: str):
-    if name == "tiny":
-        from cspkv.models.tiny import tiny_llava
-
-        return tiny_llava(n_heads=4, n_kv_heads=2, n_layers=2)
-    raise click.ClickException(
-        f"--model {name!r} is not available yet: the default model and local checkpoints arrive "
-        "with the evaluation issue; use --model tiny (a small random LLaVA built from a config)")
+def _kv_bytes_per_slot(config) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * (config.num_key_value_heads or config.num_attention_heads) * head_dim * 4
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", type=click.Path(), default=None, help="Folder written by csp-export (runtime issue).")
-@click.option("--model", default=None, help="Run the PyTorch reference on this model: tiny.")
+@click.option("--model", default=None, help="Run the PyTorch reference: default | tiny | llava | PATH.")
 @click.option("--image", "images", multiple=True, type=click.Path(), help="Image file; repeat for several images.")
-@click.option("--prompt", default=None, help="The question or instruction.")
-@click.option("--n-images", type=int, default=4, show_default=True, help="tiny model: synthetic images in the prompt.")
+@click.option("--prompt", default=None, help="The question (default: a question about built-in demo images).")
 @click.option("--prune", "prune_policy", default="csp", show_default=True, help="Pruning policy applied after prefill.")
 @click.option("--budget", type=float, default=0.5, show_default=True, help="Fraction of prompt KV entries kept, in (0, 1].")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--policy", type=click.Choice(["ring", "rescore", "unbounded"]), default="ring", show_default=True,
-              help="Decode-slot policy: overwrite the oldest generated token, evict the lowest-scored, or grow.")
+              help="Decode slots: overwrite the oldest generated token, evict the lowest-scored, or grow.")
 @click.option("--decode-slots", type=int, default=16, show_default=True, help="Slots for generated tokens (ring/rescore).")
-def main(engine, model, images, prompt, n_images, prune_policy, budget, max_new_tokens, policy, decode_slots):
+def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, policy, decode_slots):
     """Generate with KV pruning after prefill and a fixed number of decode slots."""
     if engine is not None:
         not_built_yet("csp-run --engine", "runtime")
     if model is None:
-        raise click.UsageError("give --model tiny (PyTorch reference) or --engine DIR")
-    from cspkv.models.llava import generate_from_ids
-    from cspkv.models.tiny import multi_image_prompt
+        raise click.UsageError("give --model default|tiny|PATH (PyTorch reference) or --engine DIR")
+    from cspkv.models.llava import generate, generate_from_ids
+    from cspkv.models.registry import ModelNotFound, load_model
 
-    if images or prompt:
-        raise click.UsageError("--image/--prompt need the default model (evaluation issue); "
-                               "--model tiny builds its own synthetic prompt")
-    net = _load_model(model)
-    ids, pixels = multi_image_prompt(n_images)
+    try:
+        net, processor, _ = load_model(model)
+    except (ModelNotFound, ImportError) as exc:
+        raise click.ClickException(str(exc)) from None
+    decode = dict(policy=prune_policy, budget=budget, max_new_tokens=max_new_tokens, mode=policy,
+                  decode_slots=None if policy == "unbounded" else decode_slots)
     start = time.perf_counter()
     try:
-        result = generate_from_ids(net, ids, pixels, policy=prune_policy, budget=budget,
-                                   max_new_tokens=max_new_tokens, mode=policy,
-                                   decode_slots=None if policy == "unbounded" else decode_slots)
+        if processor is None:                    # the tiny model: a synthetic multi-image prompt
+            if images or prompt:
+                raise click.UsageError(f"--model {model} has no processor: --image/--prompt need a real model")
+            from cspkv.models.tiny import multi_image_prompt
+
+            ids, pixels = multi_image_prompt(4)
+            result = generate_from_ids(net, ids, pixels, **decode)
+            answer = " ".join(map(str, result.tokens))
+        else:
+            from cspkv.models.prompting import chat_prompt, demo_images, load_images
+
+            size = getattr(processor, "image_size", None) or net.config.vision_config.image_size
+            pictures = load_images(images, size) if images else demo_images(size)
+            question = prompt or (DEMO_QUESTION if not images else None)
+            if question is None:
+                raise click.UsageError("--image needs a --prompt")
+            result = generate(net, processor, pictures, chat_prompt(processor, question, len(pictures)), **decode)
+            answer = result.text
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     elapsed = time.perf_counter() - start
-    cfg = net.config.text_config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4   # fp32 bytes
+    per_slot = _kv_bytes_per_slot(net.config.text_config)
     full_bytes = (result.prompt_len + len(result.tokens)) * per_slot
-    click.echo(f"tokens: {result.tokens}")
-    click.echo(f"prompt {result.prompt_len} tokens ({n_images} images) | kept {result.kept_per_layer[0]} "
-               f"entries/layer/head ({prune_policy}, budget {budget}) | {len(result.tokens)} tokens in "
-               f"{elapsed:.2f}s | KV {result.slots * per_slot / MIB:.3f} MiB fixed vs "
-               f"{full_bytes / MIB:.3f} MiB full cache")
+    click.echo(answer)
+    click.echo(f"[{model}] prompt {result.prompt_len} tokens | kept {result.kept_per_layer[0]} entries per layer "
+               f"and KV head ({prune_policy}, budget {budget}) | {len(result.tokens)} tokens in {elapsed:.1f}s | "
+               f"KV {result.slots * per_slot / MIB:.2f} MiB fixed ({result.slots} slots) vs "
+               f"{full_bytes / MIB:.2f} MiB full cache", err=True)
