@@ -51,11 +51,12 @@ def main(model, budget, policy, cross_ratio, n, recent_ratio, window_ratio, max_
         raise click.ClickException(f"{target} already exists and is not empty: choose another --out or pass --force")
     try:
         click.echo(f"loading model {model!r} ...", err=True)
-        net, _, model_id = load_model(model)
+        net, processor, model_id = load_model(model)
         plan = ExportPlan.make(net, policy, _params(cross_ratio, n, recent_ratio, window_ratio, policy),
                                budget, max_prompt, decode_slots, n_decode)
         manifest = export_model(net, target, plan, model_id, force=force,
-                                progress=lambda message: click.echo(message + " ...", err=True))
+                                progress=lambda message: click.echo(message + " ...", err=True),
+                                processor=processor)
     except (ExportError, ModelNotFound) as exc:
         raise click.ClickException(str(exc)) from None
     total = 0

@@ -1,14 +1,12 @@
 """csp-run: generate with pruning after prefill and a fixed number of KV slots.
 
-Today it runs the PyTorch reference (`--model`); running an exported engine folder through the C
-runtime (`--engine`) arrives with the runtime issue.
+`--engine DIR` runs an export folder on ONNX Runtime with the C-owned fixed-budget KV buffer;
+`--model NAME` runs the PyTorch reference instead (same pruning, same slot semantics).
 """
 
 import time
 
 import click
-
-from cspkv.cli._common import not_built_yet
 
 MIB = 1024 * 1024
 DEMO_QUESTION = "Which image shows the blue circle? Answer with the image number."
@@ -20,7 +18,7 @@ def _kv_bytes_per_slot(config) -> int:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engine", type=click.Path(), default=None, help="Folder written by csp-export (runtime issue).")
+@click.option("--engine", type=click.Path(), default=None, help="Folder written by csp-export.")
 @click.option("--model", default=None, help="Run the PyTorch reference: default | tiny | llava | PATH.")
 @click.option("--image", "images", multiple=True, type=click.Path(), help="Image file; repeat for several images.")
 @click.option("--prompt", default=None, help="The question (default: a question about built-in demo images).")
@@ -33,7 +31,9 @@ def _kv_bytes_per_slot(config) -> int:
 def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, policy, decode_slots):
     """Generate with KV pruning after prefill and a fixed number of decode slots."""
     if engine is not None:
-        not_built_yet("csp-run --engine", "runtime")
+        if policy == "unbounded":
+            raise click.UsageError("an engine has a fixed number of slots: use --policy ring or rescore")
+        return _run_engine(engine, images, prompt, max_new_tokens, policy)
     if model is None:
         raise click.UsageError("give --model default|tiny|PATH (PyTorch reference) or --engine DIR")
     from cspkv.models.llava import generate, generate_from_ids
@@ -75,3 +75,48 @@ def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, po
                f"and KV head ({prune_policy}, budget {budget}) | {len(result.tokens)} tokens in {elapsed:.1f}s | "
                f"KV {result.slots * per_slot / MIB:.2f} MiB fixed ({result.slots} slots) vs "
                f"{full_bytes / MIB:.2f} MiB full cache", err=True)
+
+
+def _run_engine(folder, images, prompt, max_new_tokens, policy):
+    from cspkv.export.exporter import load_processor
+    from cspkv.export.manifest import ManifestError
+    from cspkv.runtime.pipeline import OnnxPipeline
+
+    try:
+        pipeline = OnnxPipeline(folder, policy=policy)
+    except (ManifestError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    manifest = pipeline.manifest
+    processor = load_processor(pipeline.engine.folder, manifest)
+    try:
+        if processor is None:
+            if images or prompt:
+                raise click.UsageError("this export has no processor (tiny model): --image/--prompt need a real model")
+            from cspkv.models.tiny import multi_image_prompt
+
+            ids, pixels = multi_image_prompt(4)
+            ids, pixels, decode = ids[0].numpy(), pixels.numpy(), str
+            eos = None
+        else:
+            from cspkv.models.prompting import chat_prompt, demo_images, load_images
+
+            size = manifest["plan"]["image_size"]
+            pictures = load_images(images, size) if images else demo_images(size)
+            question = prompt or (DEMO_QUESTION if not images else None)
+            if question is None:
+                raise click.UsageError("--image needs a --prompt")
+            inputs = processor(text=chat_prompt(processor, question, len(pictures)), images=pictures,
+                               return_tensors="pt")
+            ids, pixels = inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy()
+            tokenizer = getattr(processor, "tokenizer", processor)
+            eos = tokenizer.eos_token_id
+            decode = lambda token: tokenizer.decode([token], skip_special_tokens=True)  # noqa: E731
+        result = pipeline.generate(ids, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                   on_token=lambda token: click.echo(decode(token) + ("" if processor else " "),
+                                                                     nl=False))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo()
+    click.echo(f"[{manifest['model']['id']}] prompt {result.prompt_len} tokens | TTFT {result.ttft_s * 1e3:.0f} ms | "
+               f"{result.tokens_per_s:.1f} tokens/s | KV {result.kv_bytes / MIB:.2f} MiB fixed vs "
+               f"{result.full_kv_bytes / MIB:.2f} MiB full cache", err=True)

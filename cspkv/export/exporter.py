@@ -21,6 +21,10 @@ from cspkv.pruning import check_budget, get_policy, keep_count
 from cspkv.runtime.slot_reference import null_slot_logit
 
 OPSET = 18
+# onnxscript's full optimizer (its pattern rewriter) takes tens of minutes on a 30-layer prefill graph
+# on this CPU. Constant folding alone is fast and is what removes the exporter's CastLike nodes
+# (TensorRT's parser does not take them); ONNX Runtime applies its own fusions at session creation.
+OPTIMIZE = False
 
 INPUTS = {
     "vision": ["pixel_values"],
@@ -101,8 +105,65 @@ def _export_one(module: torch.nn.Module, args: tuple, path: Path, role: str) -> 
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
                                     custom_translation_table=CUSTOM_TRANSLATIONS,
                                     input_names=INPUTS[role], output_names=OUTPUTS[role],
-                                    external_data=False, verbose=False)
+                                    external_data=False, verbose=False, optimize=OPTIMIZE)
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(program.model)
+    onnxscript.optimizer.remove_unused_nodes(program.model)
     program.save(str(path))
+    replace_castlike(path)
+
+
+def replace_castlike(path: Path) -> None:
+    """CastLike(x, like) -> Cast(x, to=dtype of like): same result, and an op TensorRT imports."""
+    import onnx
+    from onnx import helper, shape_inference
+
+    model = onnx.load(str(path))
+    graph = shape_inference.infer_shapes(model).graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            types[node.output[0]] = node.attribute[0].t.data_type
+    changed = False
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "CastLike" and types.get(node.input[1]):
+            model.graph.node[index].CopyFrom(helper.make_node("Cast", [node.input[0]], list(node.output),
+                                                              name=node.name, to=types[node.input[1]]))
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
+
+
+def save_processor(processor, out: Path) -> dict | None:
+    """Keep the tokenizer/processor beside the graphs, so running an export needs no model."""
+    if processor is None:
+        return None
+    from cspkv.models.default_model import DefaultProcessor
+
+    if isinstance(processor, DefaultProcessor):
+        processor.tokenizer.save_pretrained(out / "processor")
+        return {"kind": "default", "path": "processor"}
+    processor.save_pretrained(out / "processor")
+    return {"kind": "hf", "path": "processor"}
+
+
+def load_processor(folder: Path, manifest: dict):
+    """The processor saved by ``save_processor`` (None for models without one, e.g. tiny)."""
+    spec = manifest.get("processor")
+    if not spec:
+        return None
+    path = Path(folder) / spec["path"]
+    if spec["kind"] == "default":
+        from transformers import AutoTokenizer
+
+        from cspkv.models.default_model import DefaultProcessor
+
+        return DefaultProcessor(AutoTokenizer.from_pretrained(path))
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
 def example_inputs(model, plan: ExportPlan) -> dict[str, tuple]:
@@ -121,7 +182,7 @@ def example_inputs(model, plan: ExportPlan) -> dict[str, tuple]:
 
 
 def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, force: bool = False,
-                 progress: Callable[[str], None] = lambda message: None) -> dict:
+                 progress: Callable[[str], None] = lambda message: None, processor=None) -> dict:
     """Write vision.onnx, prefill.onnx, decode.onnx and manifest.json into ``out_dir``."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
@@ -144,5 +205,6 @@ def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, fo
         timings[role] = round(time.perf_counter() - start, 2)
     manifest = build_manifest(model, model_id, plan, out, {r: f"{r}.onnx" for r in modules},
                               INPUTS, OUTPUTS, OPSET, timings)
+    manifest["processor"] = save_processor(processor, out)
     write_manifest(out, manifest)
     return manifest

@@ -95,7 +95,7 @@ class PrefillGraph(nn.Module):
                             mass.gather(1, kept)))
 
         hidden = prefill_layers(self.text, embeds, valid_length, on_layer)
-        last = hidden[:, valid_length - 1]                                            # [1, 1, hidden]
+        last = torch.index_select(hidden, 1, valid_length - 1)                       # [1, 1, hidden], a Gather
         logits = self.lm_head(self.text.norm(last))[:, -1].float()
         pad = self.n_slots - self.max_keep
         kv = torch.stack([o[0] for o in outputs])                                     # [layers, 2, 1, H, C, D]

@@ -57,6 +57,12 @@ def package_versions() -> dict:
     return versions
 
 
+def _runtime_abi() -> int:
+    from cspkv.runtime.kv_buffer import ABI_VERSION
+
+    return ABI_VERSION
+
+
 def build_manifest(model, model_id, plan, out: Path, graphs: dict, inputs: dict, outputs: dict,
                    opset: int, timings: dict) -> dict:
     from cspkv.models.static_llama import DecoderShape
@@ -81,6 +87,7 @@ def build_manifest(model, model_id, plan, out: Path, graphs: dict, inputs: dict,
                   "kept_at_budget": f"ceil({plan.budget} * valid_length)"},
         "graphs": graphs,
         "io": {role: _io_specs(out / name) for role, name in graphs.items()},
+        "runtime_abi": _runtime_abi(),
         "opset": opset,
         "exporter": "torch.onnx dynamo",
         "precision": "fp32",

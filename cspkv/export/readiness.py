@@ -47,9 +47,11 @@ def _constants(graph) -> dict[str, np.ndarray]:
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+            attr = node.attribute[0]
+            if attr.name == "value":
+                values[node.output[0]] = numpy_helper.to_array(attr.t)
+            elif attr.name.startswith("value_"):  # value_int(s) / value_float(s)
+                values[node.output[0]] = np.asarray(onnx.helper.get_attribute_value(attr))
     return values
 
 

@@ -1,17 +1,26 @@
 """Generation over an export folder: vision -> prefill (pruning inside) -> decode over fixed slots.
 
-The slot bookkeeping here is the Python SlotTable; the C library replaces it with the same semantics.
+The KV memory and slot table live in the C library (:class:`KVBuffer`). ONNX Runtime reads the
+buffer in place: the decode graph's ``kv`` input is bound once, with IOBinding, to an OrtValue over
+the C-owned memory, and its outputs go to preallocated arrays; the new token's K/V delta is then
+copied into its slot by the C library. Nothing grows after construction.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 
 from cspkv.engines.onnx_runtime import OrtEngine
-from cspkv.runtime.slot_reference import RESCORE, RING, SlotTable
+from cspkv.export.manifest import ManifestError
+from cspkv.runtime.kv_buffer import ABI_VERSION, KVBuffer
+from cspkv.runtime.slot_reference import RESCORE, RING
+
+TEXT = 0
 
 
 @dataclass
@@ -22,20 +31,67 @@ class PipelineResult:
     prompt_len: int
     ttft_s: float
     step_s: list[float] = field(default_factory=list)
-    kv_bytes: int = 0
+    kv_bytes: int = 0                 # K/V memory held (fixed)
+    full_kv_bytes: int = 0            # what an unpruned cache would hold for this sequence
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.step_s) / sum(self.step_s) if self.step_s else 0.0
 
 
 class OnnxPipeline:
-    def __init__(self, engine: OrtEngine):
-        self.engine = engine
-        self.manifest = engine.manifest
+    """One sequence at a time over an export folder; reusable across requests."""
 
-    def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32, policy: str = RING,
-                 n_recent: int = 16, n_sink: int = 4, eos_token_id: int | None = None) -> PipelineResult:
+    def __init__(self, engine: OrtEngine | str, policy: str = RING, n_recent: int = 16, n_sink: int = 4):
+        self.engine = engine if isinstance(engine, OrtEngine) else OrtEngine(engine)
+        self.manifest = self.engine.manifest
+        abi = self.manifest.get("runtime_abi")
+        if abi != ABI_VERSION:
+            raise ManifestError(f"{self.engine.folder} was exported for runtime ABI {abi!r}, this runtime "
+                                f"speaks ABI {ABI_VERSION}: re-export it with this cspkv")
         if policy not in (RING, RESCORE):
             raise ValueError(f"policy must be 'ring' or 'rescore', got {policy!r}")
+        model, plan = self.manifest["model"], self.manifest["plan"]
+        self.layers, self.heads, self.head_dim = model["layers"], model["kv_heads"], model["head_dim"]
+        self.n_slots, self.max_keep = plan["n_slots"], plan["max_keep"]
+        null_logit = float(np.log(plan["decode_n"])) if plan["decode_n"] > 0 else None
+        self.buffer = KVBuffer(self.layers, self.heads, self.n_slots, self.head_dim, np.float32, policy,
+                               n_recent, n_sink, null_logit)
+        self._bind_decode(model["vocab_size"])
+
+    def _bind_decode(self, vocab: int) -> None:
+        """Bind the C-owned K/V memory and preallocated outputs to the decode session once."""
+        session = self.engine.sessions["decode"]
+        self._binding = session.io_binding()
+        kv_view = self.buffer.kv.reshape(self.layers, 2, 1, self.heads, self.n_slots, self.head_dim)
+        assert kv_view.ctypes.data == self.buffer.kv_ptr  # a view, not a copy
+        self._kv_value = ort.OrtValue.ortvalue_from_numpy(kv_view)     # wraps, does not copy (CPU)
+        self._binding.bind_ortvalue_input("kv", self._kv_value)
+        self._out = {
+            "logits": np.empty((1, vocab), np.float32),
+            "new_kv": np.empty((self.layers, 2, 1, self.heads, 1, self.head_dim), np.float32),
+            "mass": np.empty((self.layers, 1, self.heads, self.n_slots), np.float32),
+        }
+        for name, array in self._out.items():
+            self._binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self._token = np.zeros((1, 1), np.int64)
+        self._position = np.zeros((1,), np.int64)
+        self._bias = np.zeros((self.layers, 1, self.heads, self.n_slots), np.float32)
+        for name, array in (("token", self._token), ("position", self._position), ("bias", self._bias)):
+            self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+
+    def _decode(self, token: int, position: int) -> None:
+        self._token[0, 0] = token
+        self._position[0] = position
+        self._bias[:, 0] = self.buffer.attention_bias()
+        self.engine.sessions["decode"].run_with_iobinding(self._binding)
+
+    def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32,
+                 eos_token_id: int | None = None, on_token: Callable[[int], None] | None = None,
+                 keep_logits: bool = True) -> PipelineResult:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         model = self.manifest["model"]
-        plan = self.manifest["plan"]
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         modality = (input_ids == model["image_token_id"]).astype(np.int64)
         start = time.perf_counter()
@@ -43,32 +99,31 @@ class OnnxPipeline:
         if pixel_values is not None and len(pixel_values):
             features = self.engine.image_features(pixel_values).reshape(-1, model["hidden_size"])
         out = self.engine.prefill(input_ids, modality, features)
-        ttft = time.perf_counter() - start
-        layers, heads = model["layers"], model["kv_heads"]
-        n_slots, c_max = plan["n_slots"], plan["max_keep"]
-        null_logit = float(np.log(plan["decode_n"])) if plan["decode_n"] > 0 else None
-        table = SlotTable(layers, heads, n_slots, policy=policy, n_recent=n_recent, n_sink=n_sink,
-                          null_logit=null_logit)
-        n_valid = out["slot_valid"][:, :, :c_max].sum(-1)
-        table.load_prefill(out["slot_position"][:, :, :c_max], out["slot_modality"][:, :, :c_max],
-                           n_valid, len(input_ids), out["slot_mass"][:, :, :c_max])
-        kv = np.ascontiguousarray(out["kv"])
+        c = self.max_keep
+        n_valid = out["slot_valid"][:, :, :c].sum(-1).astype(np.int32)
+        kv = np.ascontiguousarray(out["kv"][:, :, 0, :, :c])                 # [layers, 2, H, C, D]
+        self.buffer.load_prefill(kv, out["slot_position"][:, :, :c], out["slot_modality"][:, :, :c],
+                                 n_valid, len(input_ids), out["slot_mass"][:, :, :c])
         kept = out["slot_position"][:, :, : int(n_valid.min())]
-        tokens, logits, steps = [int(out["logits"][0].argmax())], [out["logits"][0]], []
-        layer_idx, head_idx = np.indices((layers, heads))
+        tokens, logits, steps = [int(out["logits"][0].argmax())], [out["logits"][0].copy()], []
+        ttft = time.perf_counter() - start
+        if on_token:
+            on_token(tokens[0])
         for step in range(max_new_tokens - 1):
             if eos_token_id is not None and tokens[-1] == eos_token_id:
                 break
             t0 = time.perf_counter()
             position = len(input_ids) + step
-            slots = table.choose_write_slots(position)
-            bias = table.attention_bias()[:, None]
-            step_logits, new_kv, mass = self.engine.decode(tokens[-1], position, kv, bias)
-            # in place: the graph never copies the buffer
-            kv[layer_idx, :, 0, head_idx, slots] = new_kv[:, :, 0, :, 0].transpose(0, 2, 1, 3)
-            table.commit_token(slots, position)
-            table.accumulate(mass[:, 0])
+            slots = self.buffer.choose_write_slots(position)
+            self._decode(tokens[-1], position)
+            self.buffer.write_token(slots, self._out["new_kv"], position, TEXT)
+            self.buffer.accumulate(self._out["mass"][:, 0])
+            tokens.append(int(self._out["logits"][0].argmax()))
+            if keep_logits:  # off for long runs: the only per-token memory the loop would keep
+                logits.append(self._out["logits"][0].copy())
             steps.append(time.perf_counter() - t0)
-            logits.append(step_logits[0])
-            tokens.append(int(step_logits[0].argmax()))
-        return PipelineResult(tokens, logits, kept, len(input_ids), ttft, steps, kv.nbytes)
+            if on_token:
+                on_token(tokens[-1])
+        per_entry = self.layers * 2 * self.heads * self.head_dim * 4
+        return PipelineResult(tokens, logits, kept, len(input_ids), ttft, steps, self.buffer.nbytes,
+                              (len(input_ids) + len(tokens)) * per_entry)
