@@ -17,44 +17,25 @@ from cspkv.export.manifest import ManifestError
 from cspkv.export.polygraphy_io import write_polygraphy_inputs
 from cspkv.export.readiness import check_export
 from cspkv.models.llava import LlavaReference
-from cspkv.models.tiny import multi_image_prompt, tiny_llava
+from cspkv.models.tiny import multi_image_prompt
 from cspkv.pruning import get_policy
 from cspkv.runtime.pipeline import OnnxPipeline
 
-P_MAX, DECODE_SLOTS, NEW_TOKENS = 256, 12, 32
-ARCHS = {"gqa": dict(n_heads=4, n_kv_heads=2, seed=3), "mha": dict(n_heads=4, n_kv_heads=4, seed=4)}
+from conftest import DECODE_SLOTS, P_MAX
+
+NEW_TOKENS = 32
 CASES = [("gqa", policy, budget) for policy in ("csp", "snapkv", "streaming_llm") for budget in (1.0, 0.5, 0.2)]
 CASES += [("mha", "csp", budget) for budget in (1.0, 0.5, 0.2)]
 
 
-@pytest.fixture(scope="module")
-def models():
-    return {name: tiny_llava(**kw) for name, kw in ARCHS.items()}
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, models):
-    cache = {}
-
-    def get(arch, policy, budget):
-        key = (arch, policy, budget)
-        if key not in cache:
-            folder = tmp_path_factory.mktemp(f"{arch}-{policy}-{budget}")
-            plan = ExportPlan.make(models[arch], policy, {}, budget, P_MAX, DECODE_SLOTS, 0.0)
-            export_model(models[arch], folder, plan, f"tiny-{arch}", force=True)
-            cache[key] = folder
-        return cache[key]
-
-    return get
-
-
-def reference_run(model, policy, budget, ids, pixels, n_slots):
+def reference_run(model, policy, budget, ids, pixels, n_slots, new_tokens=NEW_TOKENS, mode="ring", decode_n=0.0):
     ref = LlavaReference(model)
     prefill = ref.prefill(ids, pixels, {policy: get_policy(policy)})
     pruned = ref.prune(prefill, policy, budget)
     # the export's S slots are shared: a shorter prompt leaves S - C slots for generated tokens
-    decoded = ref.decode(pruned, int(prefill.logits[0].argmax()), NEW_TOKENS, mode="ring",
-                         decode_slots=n_slots - pruned.n_entries)
+    null = 1 if decode_n > 0 else 0
+    decoded = ref.decode(pruned, int(prefill.logits[0].argmax()), new_tokens, mode=mode,
+                         decode_slots=n_slots - null - pruned.n_entries, decode_n=decode_n)
     return pruned, [prefill.logits[0].numpy()] + [l.numpy() for l in decoded.logits], decoded.tokens
 
 
