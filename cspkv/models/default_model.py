@@ -96,18 +96,14 @@ def locate_packages() -> PackageLocations:
     return PackageLocations(gguf_path, onnx_path, {_LM_PACKAGE: lm_version, _VISION_PACKAGE: vision_version})
 
 
-def _file_sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def cache_key(locations: PackageLocations, projector_path: Path = PROJECTOR_PATH) -> str:
+def cache_key(locations: PackageLocations) -> str:
+    """Key of the cached base model: language model + vision tower (the projector is loaded on top)."""
     import transformers
 
     payload = {
         "assembly": ASSEMBLY_VERSION,
         "packages": locations.versions,
         "transformers": transformers.__version__,  # saved checkpoints follow its module layout
-        "projector": _file_sha256(projector_path),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -257,10 +253,12 @@ def load_default_model(cache_dir=None):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     locations = locate_packages()
-    target = default_cache_dir(cache_dir) / f"default-{cache_key(locations, PROJECTOR_PATH)}"
+    target = default_cache_dir(cache_dir) / f"default-{cache_key(locations)}"
     if (target / "config.json").is_file():
         model = LlavaForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(target)
+        # The cache holds the language model and vision tower; a retrained projector needs no rebuild.
+        init_projector(model.model.multi_modal_projector, PROJECTOR_PATH)
     else:
         model, tokenizer = _build(locations, PROJECTOR_PATH)
         _save_atomically(model, tokenizer, target)

@@ -95,14 +95,15 @@ def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: IntOrTensor) -> t
 def mask_to_indices(keep: torch.Tensor, n_keep: int) -> torch.Tensor:
     """The first ``n_keep`` kept positions in ascending order, as int64 [B, H, n_keep].
 
-    Kept positions j get the key L - j (distinct, positive) and dropped ones 0, so a top-k returns
-    kept positions in ascending order first; with fewer kept than n_keep the tail is padding that
-    the caller marks invalid.
+    Kept positions j get the key L - j (distinct, positive) and dropped ones 0, so sorting by key
+    returns kept positions in ascending order first; with fewer kept than n_keep the tail is the
+    dropped positions in ascending order, which the caller marks invalid.
     """
     length = keep.shape[-1]
     positions = torch.arange(length, device=keep.device)
     key = torch.where(keep, length - positions, torch.zeros_like(positions))
-    return torch.topk(key, n_keep, dim=-1, sorted=True).indices
+    # A stable sort (ONNX: TopK, ties to the lower index) also orders the padding tail ascending.
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n_keep]
 
 
 class PruningPolicy:
