@@ -42,6 +42,23 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.reshape(batch, n_heads, rows, dim).transpose(1, 2).reshape(batch, rows, n_heads * dim), probs
 
 
+def attention_inputs(layer, hidden: torch.Tensor, shape: DecoderShape, cos, sin):
+    """A layer's rotary-applied q [B, H_q, T, D] and k, v [B, H_kv, T, D] for ``hidden``."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    q = project_heads(attn.q_proj, normed, shape.n_heads, shape.head_dim)
+    k = project_heads(attn.k_proj, normed, shape.n_kv_heads, shape.head_dim)
+    v = project_heads(attn.v_proj, normed, shape.n_kv_heads, shape.head_dim)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def layer_output(layer, hidden: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+    """Residual attention output, then the residual MLP (pre-norm Llama block)."""
+    hidden = hidden + layer.self_attn.o_proj(attention_out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
 def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor, kv: torch.Tensor,
                 bias: torch.Tensor):
     """One token through every decoder layer over a slot buffer.
@@ -59,18 +76,12 @@ def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor
     n_slots = kv.shape[4]
     self_bias = torch.zeros(1, shape.n_kv_heads, 1, dtype=bias.dtype)
     for index, layer in enumerate(text_model.layers):
-        attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        q = project_heads(attn.q_proj, normed, shape.n_heads, shape.head_dim)
-        k = project_heads(attn.k_proj, normed, shape.n_kv_heads, shape.head_dim)
-        v = project_heads(attn.v_proj, normed, shape.n_kv_heads, shape.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
         keys = torch.cat([kv[index, 0], k], dim=2)                     # [1, H_kv, S+1, D]
         values = torch.cat([kv[index, 1], v], dim=2)
         step_bias = torch.cat([bias[index], self_bias], dim=-1)[:, :, None, None, :]
-        out, probs = grouped_attention(q, keys, values, step_bias, attn.scaling)
-        hidden = hidden + attn.o_proj(out)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        out, probs = grouped_attention(q, keys, values, step_bias, layer.self_attn.scaling)
+        hidden = layer_output(layer, hidden, out)
         new_kv.append(torch.stack([k, v]))
         masses.append(probs.sum(dim=(2, 3))[..., :n_slots])
     logits = lm_head(text_model.norm(hidden))[:, -1].float()
@@ -89,14 +100,8 @@ def prefill_layers(text_model, embeds: torch.Tensor, valid_length: torch.Tensor,
     mask = torch.zeros(length, length).masked_fill(~allowed, float("-inf"))
     hidden = embeds
     for index, layer in enumerate(text_model.layers):
-        attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        q = project_heads(attn.q_proj, normed, shape.n_heads, shape.head_dim)
-        k = project_heads(attn.k_proj, normed, shape.n_kv_heads, shape.head_dim)
-        v = project_heads(attn.v_proj, normed, shape.n_kv_heads, shape.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        out, _ = grouped_attention(q, k, v, mask, attn.scaling)
-        hidden = hidden + attn.o_proj(out)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
+        out, _ = grouped_attention(q, k, v, mask, layer.self_attn.scaling)
+        hidden = layer_output(layer, hidden, out)
         on_layer(index, q, k, v)
     return hidden
