@@ -1,0 +1,34 @@
+"""Image loading and prompt building for csp-run."""
+
+import numpy as np
+import pytest
+
+from cspkv.models.prompting import chat_prompt, demo_images, load_images
+
+
+def test_load_images_resizes_and_rejects_what_is_not_an_image(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((10, 20, 3), 200, np.uint8)).save(path)
+    (image,) = load_images([path], 224)
+    assert image.shape == (224, 224, 3) and image.dtype == np.uint8 and (image == 200).all()
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(ValueError, match="notes.png is not an image Pillow can read"):
+        load_images([text], 224)
+    with pytest.raises(ValueError, match="missing.png does not exist"):
+        load_images([tmp_path / "missing.png"], 224)
+
+
+def test_demo_images_and_prompt_placeholders():
+    images = demo_images(64)
+    assert len(images) == 4 and all(im.shape == (64, 64, 3) for im in images)
+    assert len({im.tobytes() for im in images}) == 4
+
+    class NoTemplate:
+        chat_template = None
+        image_token = "<image>"
+
+    prompt = chat_prompt(NoTemplate(), "Which one?", 3)
+    assert prompt.count("<image>") == 3 and prompt.endswith("Which one?")
