@@ -56,12 +56,31 @@ def main():
         decoded = reference.decode(pruned, int(prefill.logits[0].argmax()), args.new_tokens, mode="ring",
                                    decode_slots=pipeline.n_slots - pruned.n_entries)
         ref_logits = [prefill.logits[0].numpy()] + [l.numpy() for l in decoded.logits]
+        ours, theirs = run.kept, pruned.positions.numpy()
+        overlap = [len(set(a) & set(b)) / len(b) for a, b in zip(ours.reshape(-1, ours.shape[-1]),
+                                                                   theirs.reshape(-1, theirs.shape[-1]))]
+        # where the sets differ, how far apart are the reference's own scores of the swapped keys?
+        scores = [prefill.scores[args.policy][layer][0] for layer in range(len(prefill.scores[args.policy]))]
+        gaps = []
+        for layer in range(ours.shape[0]):
+            for head in range(ours.shape[1]):
+                only_ours = set(ours[layer, head]) - set(theirs[layer, head])
+                only_ref = set(theirs[layer, head]) - set(ours[layer, head])
+                if only_ours:
+                    # smallest relative gap over the score channels (csp: self, cross): a swap
+                    # between keys whose scores agree to float precision is a tie broken by rounding
+                    gap = min(abs(float(ch[list(only_ref)].max()) - float(ch[list(only_ours)].min()))
+                              / max(float(ch.abs().max()), 1e-30) for ch in scores[layer][head])
+                    gaps.append(gap)
         diffs = [float(np.abs(a - b).max()) for a, b in zip(run.logits, ref_logits)]
         rows.append({
             "budget": budget, "prompt_tokens": int(ids.shape[1]), "kept": int(pruned.n_entries),
             "slots": pipeline.n_slots, "decode_slots_free": pipeline.n_slots - pruned.n_entries,
             "ring_overflowed": pipeline.n_slots - pruned.n_entries < args.new_tokens,
             "kept_indices_equal": bool(np.array_equal(run.kept, pruned.positions.numpy())),
+            "kept_rows_identical": f"{sum(o == 1.0 for o in overlap)}/{len(overlap)}",
+            "kept_overlap_min": round(min(overlap), 5),
+            "swapped_score_gap_rel_max": max(gaps) if gaps else 0.0,
             "max_logit_diff_prefill": diffs[0], "max_logit_diff_decode": max(diffs[1:]),
             "tokens_identical": run.tokens == decoded.tokens, "new_tokens": len(run.tokens),
             "export_s": round(export_s, 1), "export_s_per_graph": manifest["export_seconds"],

@@ -2,20 +2,78 @@
 
 import click
 
-from cspkv.cli._common import not_built_yet
-
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", default="default", show_default=True)
-@click.option("--tasks", default="all", show_default=True)
+@click.option("--model", default="default", show_default=True, help="default | llava | PATH (local HF LLaVA).")
+@click.option("--tasks", default="all", show_default=True, help="Comma-separated tasks, or all.")
 @click.option("--policies", default="full,random,streaming_llm,h2o,snapkv,lookm,csp", show_default=True)
 @click.option("--budgets", default="1.0,0.5,0.2,0.1", show_default=True)
+@click.option("--limit", type=int, default=200, show_default=True, help="Prompts per task.")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--milebench", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A MileBench data folder (official layout): evaluate its tasks instead of easy-vqa's.")
 @click.option("--out", type=click.Path(), default="results", show_default=True)
 @click.pass_context
-def main(ctx, model, tasks, policies, budgets, out):
+def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench, out):
     """Evaluate pruning policies against budgets; `csp-eval score` scores MileBench predictions."""
-    if ctx.invoked_subcommand is None:
-        not_built_yet("csp-eval (the sweep)", "evaluation")
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from cspkv.evaluation import sweep
+    from cspkv.models.registry import ModelNotFound, load_model
+    from cspkv.pruning import available_policies, check_budget
+
+    policy_list = [p for p in policies.split(",") if p]
+    unknown = [p for p in policy_list if p not in available_policies()]
+    if unknown:
+        raise click.UsageError(f"unknown policies {unknown}; choose from {', '.join(available_policies())}")
+    try:
+        budget_list = [float(b) for b in budgets.split(",") if b]
+        for budget in budget_list:
+            check_budget(budget)
+    except ValueError as exc:
+        raise click.UsageError(f"--budgets: {exc}") from None
+    errors: list[str] = []
+    try:
+        if milebench is None:
+            from cspkv.evaluation import easyvqa_tasks as ev
+
+            task_list = list(ev.TASKS) if tasks == "all" else tasks.split(",")
+            for task in task_list:
+                ev._check_task(task)
+        else:
+            task_list = (sorted(p.name for p in Path(milebench).iterdir() if p.is_dir()) if tasks == "all"
+                         else tasks.split(","))
+        net, processor, model_id = load_model(model)
+        if processor is None:
+            raise click.ClickException(f"--model {model} has no processor: evaluate a real model")
+        if milebench is None:
+            items = sweep.easyvqa_items(task_list, processor, limit)
+        else:
+            items = sweep.milebench_items(milebench, task_list, processor, limit, errors)
+    except (ValueError, ModelNotFound) as exc:  # unknown task, missing data or model
+        raise click.ClickException(str(exc)) from None
+    for error in errors:
+        click.echo(f"skipped: {error}", err=True)
+    with click.progressbar(length=len(items), label="prompts", file=sys.stderr) as bar:
+        result = sweep.run_sweep(net, processor, items, policy_list, budget_list, max_new_tokens,
+                                 progress=lambda message: bar.update(1))
+    result["model"] = model_id
+    result["command"] = "csp-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result["skipped"] = errors
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = sweep.markdown_table(result, budget_list, policy_list)
+    (target / "eval.md").write_text(f"`{result['command']}` ({result['wall_seconds']} s)\n\n{table}")
+    plots = sweep.plot(result, budget_list, target)
+    click.echo(table)
+    click.echo(f"wrote {target / 'eval.json'}, {target / 'eval.md'} and {len(plots)} plots "
+               f"({result['wall_seconds']} s)")
 
 
 @main.command("score")

@@ -1,0 +1,178 @@
+"""The accuracy-against-budget sweep: every policy at every budget, one prefill per prompt.
+
+Pruning happens after prefill and prefill uses the full cache, so one prefill per prompt scores the
+keys for every policy at once (each policy keeps only its per-key scores); each (policy, budget)
+then prunes and decodes from it. Baselines: the same model with the images blanked (zero
+pixel_values, full cache) and the majority answer.
+
+A benchmark is a list of :class:`EvalItem`: how to build the model inputs, how to score a reply,
+and its task name. easy-vqa tasks and MileBench task folders both become EvalItems.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cspkv.models.llava import LlavaReference
+from cspkv.pruning import get_policy
+
+FULL = "full"
+
+
+@dataclass
+class EvalItem:
+    task: str
+    sample_id: str
+    build_inputs: Callable[[bool], dict]      # blank_images -> {"input_ids", "pixel_values"}
+    score: Callable[[str], float]
+    answer: str                               # for the majority baseline
+    question_type: str                        # "multi-choice" | "open-ended"
+
+
+def easyvqa_items(tasks: list[str], processor, limit: int) -> list[EvalItem]:
+    from cspkv.evaluation import easyvqa_tasks as ev
+
+    items = []
+    for task in tasks:
+        for sample in ev.test_samples(task, limit):
+            def build(blank, sample=sample):
+                images = None
+                if blank:
+                    images = [torch.zeros(ev.IMAGE_SIZE, ev.IMAGE_SIZE, 3, dtype=torch.uint8).numpy()] * sample.n_images
+                return ev.build_prompt(sample, processor, images=images)
+
+            items.append(EvalItem(task, sample.sample_id, build, lambda reply, s=sample: ev.score(s, reply),
+                                  sample.answer, sample.question_type))
+    return items
+
+
+def milebench_items(root, tasks: list[str], processor, limit: int, errors: list[str]) -> list[EvalItem]:
+    """MileBench task folders under ``root`` (official layout); bad samples are skipped and
+    reported in ``errors`` so the rest of the run continues."""
+    from pathlib import Path
+
+    from cspkv.evaluation import milebench as mb
+    from cspkv.models.prompting import load_images
+
+    items = []
+    size = getattr(processor, "image_size", 224)
+    for task in tasks:
+        loaded = mb.load_task(Path(root) / task, skip_bad=True)
+        errors.extend(str(e) for e in loaded.errors)
+        for sample in loaded.samples[:limit]:
+            def build(blank, sample=sample):
+                images = load_images(sample.image_paths, size)
+                if blank:
+                    images = [im * 0 for im in images]
+                text = sample.prompt.replace(mb.IMAGE_TOKEN, getattr(processor, "image_token", "<image>"))
+                return dict(processor(text=text, images=images, return_tensors="pt"))
+
+            def score(reply, sample=sample, name=loaded.name, kind=loaded.question_type):
+                pred = {"sample_id": sample.sample_id, "pred_response": reply, "gt_response": sample.answer,
+                        "choice_list": sample.choices}
+                result = mb.score_predictions(name, [pred], question_type=kind)
+                return float(next(v for k, v in result.items() if not isinstance(v, dict)))
+
+            items.append(EvalItem(task, str(sample.sample_id), build, score, sample.answer, loaded.question_type))
+    return items
+
+
+def majority_score(items: list[EvalItem]) -> float:
+    """Accuracy of always giving the most common answer (open-ended: scored by the metric)."""
+    if not items:
+        return 0.0
+    common = Counter(item.answer for item in items).most_common(1)[0][0]
+    return sum(item.score(common) for item in items) / len(items)
+
+
+def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budgets: list[float],
+              max_new_tokens: int = 8, progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Scores per task, policy and budget (plus kept fractions), and the two baselines."""
+    reference = LlavaReference(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pruning = {name: get_policy(name) for name in policies}
+    totals: dict = {}
+    blank: dict = {}
+    started = time.perf_counter()
+
+    def reply(prefill, name, budget):
+        pruned = reference.prune(prefill, name, budget)
+        decoded = reference.decode(pruned, int(prefill.logits[0].argmax()), max_new_tokens, eos_token_id=eos)
+        return tokenizer.decode(decoded.tokens, skip_special_tokens=True), pruned.n_entries / prefill.length
+
+    for index, item in enumerate(items):
+        inputs = item.build_inputs(False)
+        prefill = reference.prefill(inputs["input_ids"], inputs.get("pixel_values"), pruning)
+        for name in policies:
+            for budget in budgets if name != FULL else [1.0]:
+                text, kept = reply(prefill, name, budget)
+                cell = totals.setdefault(item.task, {}).setdefault(name, {}).setdefault(str(budget), [0.0, 0.0, 0])
+                cell[0] += item.score(text)
+                cell[1] += kept
+                cell[2] += 1
+        blanked = item.build_inputs(True)
+        blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"),
+                                          {FULL: get_policy(FULL)})
+        blank.setdefault(item.task, []).append(item.score(reply(blank_prefill, FULL, 1.0)[0]))
+        progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} ({prefill.length} tokens, "
+                 f"{time.perf_counter() - started:.0f}s)")
+    scores = {task: {name: {budget: {"score": s / n, "kept_fraction": k / n} for budget, (s, k, n) in by_budget.items()}
+                     for name, by_budget in by_policy.items()} for task, by_policy in totals.items()}
+    baselines = {task: {"blank_images": sum(values) / len(values),
+                        "majority": majority_score([i for i in items if i.task == task])}
+                 for task, values in blank.items()}
+    counts = Counter(item.task for item in items)
+    return {"scores": scores, "baselines": baselines, "prompts_per_task": dict(counts),
+            "question_types": {item.task: item.question_type for item in items},
+            "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def markdown_table(result: dict, budgets: list[float], policies: list[str]) -> str:
+    lines = []
+    for task, by_policy in result["scores"].items():
+        base = result["baselines"][task]
+        lines.append(f"### {task} ({result['question_types'][task]}, {result['prompts_per_task'][task]} prompts; "
+                     f"images blanked {base['blank_images']:.3f}, majority {base['majority']:.3f})\n")
+        lines.append("| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for name in policies:
+            cells = [by_policy.get(name, {}).get(str(b)) for b in budgets]
+            lines.append(f"| {name} | " + " | ".join(f"{c['score']:.3f}" if c else "–" for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, budgets: list[float], out_dir) -> list[str]:
+    """One PNG per task: score against budget, a line per policy (full cache as a level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task, by_policy in result["scores"].items():
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        for name, by_budget in by_policy.items():
+            xs = [b for b in budgets if str(b) in by_budget]
+            ys = [by_budget[str(b)]["score"] for b in xs]
+            if name == FULL:
+                axis.axhline(ys[0], color="black", linestyle="--", label="full cache")
+            else:
+                axis.plot(xs, ys, marker="o", label=name)
+        axis.axhline(result["baselines"][task]["blank_images"], color="grey", linestyle=":", label="images blanked")
+        axis.set_xlabel("budget (fraction of prompt KV kept)")
+        axis.set_ylabel("score")
+        axis.set_title(task)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = f"{out_dir}/{task}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written

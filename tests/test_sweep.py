@@ -1,0 +1,85 @@
+"""csp-eval's sweep: one prefill per prompt, every policy and budget, baselines, MileBench items, errors."""
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cspkv.cli.eval import main
+from cspkv.evaluation import sweep
+from cspkv.models.llava import LlavaReference
+from cspkv.models.tiny import multi_image_prompt, tiny_llava
+from test_milebench import _write_task
+
+
+class DigitTokenizer:
+    """Decodes token ids as space-separated numbers; no EOS, so decoding runs to max_new_tokens."""
+
+    eos_token_id = None
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(map(str, tokens))
+
+
+def test_sweep_prefills_once_per_prompt_and_fills_every_cell(monkeypatch):
+    model = tiny_llava(seed=2)
+    calls = []
+    original = LlavaReference.prefill
+    monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+
+    def item(task, seed):
+        ids, pixels = multi_image_prompt(3, seed=seed)
+
+        def build(blank):
+            return {"input_ids": ids, "pixel_values": pixels * 0 if blank else pixels}
+
+        return sweep.EvalItem(task, str(seed), build, lambda reply: float(len(reply) > 0), "A", "multi-choice")
+
+    items = [item("t1", 1), item("t1", 2), item("t2", 3)]
+    policies, budgets = ["full", "snapkv", "csp"], [1.0, 0.5, 0.2]
+    result = sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=3)
+    assert len(calls) == 2 * len(items)                      # one prefill + one blanked prefill each
+    assert set(result["scores"]) == {"t1", "t2"}
+    length = items[0].build_inputs(False)["input_ids"].shape[1]
+    for task, by_policy in result["scores"].items():
+        assert set(by_policy["full"]) == {"1.0"}
+        for name in ("snapkv", "csp"):
+            for budget in budgets:
+                cell = by_policy[name][str(budget)]
+                assert cell["score"] == 1.0
+                assert cell["kept_fraction"] == pytest.approx(math.ceil(budget * length) / length)
+    assert result["prompts_per_task"] == {"t1": 2, "t2": 1}
+    assert result["baselines"]["t1"]["majority"] == 1.0
+    table = sweep.markdown_table(result, budgets, policies)
+    assert "### t1" in table and "| csp | 1.000 | 1.000 | 1.000 |" in table
+
+
+def test_milebench_items_skip_bad_samples_and_score_with_milebench_rules(tmp_path):
+    root = tmp_path / "MileBench"
+    _write_task(root, missing_image=True)
+
+    class Processor:
+        image_token = "<image>"
+        image_size = 8
+
+        def __call__(self, text, images, return_tensors="pt"):
+            return {"input_ids": torch.zeros(1, 1), "text": text, "n_images": len(images)}
+
+    errors = []
+    items = sweep.milebench_items(root, ["ToyVQA"], Processor(), limit=10, errors=errors)
+    assert len(items) == 1 and len(errors) == 1 and "3.png" in errors[0]
+    built = items[0].build_inputs(False)
+    assert built["n_images"] == 2 and built["text"].count("<image>") == 2
+    assert items[0].score("A") == 1.0 and items[0].score("Apple") == 1.0 and items[0].score("B") == 0.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "juggling"], "juggling"),
+    (["--policies", "csp,magic"], "unknown policies ['magic']"),
+    (["--budgets", "0.5,1.5"], "budget must be a number in (0, 1]"),
+    (["--milebench", "/nonexistent/milebench"], "does not exist"),
+])
+def test_cli_rejects_bad_requests_before_loading_a_model(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and message in result.output, result.output
