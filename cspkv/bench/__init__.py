@@ -1,0 +1,1 @@
+"""Benchmarks: the CI latency regression check (issue: benchmarks adds csp-bench)."""
