@@ -186,6 +186,12 @@ class PruningPolicy:
         row_valid = (query_modality >= 0)[:, None, None, :, None]
         return torch.where(row_valid, probs, torch.zeros_like(probs))
 
+    def attention_score(self, window_logits: torch.Tensor, key_modality: torch.Tensor,
+                        query_modality: torch.Tensor) -> torch.Tensor:
+        """The plain window score: softmax attention summed over rows and G heads, [B, H_kv, 1, L]."""
+        probs = self.window_probabilities(window_logits, key_modality, query_modality, n=0.0)
+        return probs.sum(dim=(2, 3))[:, :, None, :]
+
     # --- the public entry point ---------------------------------------------------------------
     def select(self, window_logits: torch.Tensor, key_modality: torch.Tensor,
                query_modality: torch.Tensor, n_keep: int) -> torch.Tensor:

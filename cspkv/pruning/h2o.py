@@ -15,5 +15,4 @@ class H2O(PruningPolicy):
         return n_valid
 
     def score(self, window_logits, key_modality, query_modality):
-        probs = self.window_probabilities(window_logits, key_modality, query_modality, n=0.0)
-        return probs.sum(dim=(2, 3))[:, :, None, :]
+        return self.attention_score(window_logits, key_modality, query_modality)

@@ -25,8 +25,7 @@ class LookM(PruningPolicy):
         return {**super().params(), "merge": self.merge}
 
     def score(self, window_logits, key_modality, query_modality):
-        probs = self.window_probabilities(window_logits, key_modality, query_modality, n=0.0)
-        return probs.sum(dim=(2, 3))[:, :, None, :]
+        return self.attention_score(window_logits, key_modality, query_modality)
 
     def keep_mask(self, scores, key_modality, n_keep):
         _, recent, candidates = self.regions(key_modality, n_keep)

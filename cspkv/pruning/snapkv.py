@@ -22,8 +22,7 @@ class SnapKV(PruningPolicy):
         return {**super().params(), "kernel_size": self.kernel_size}
 
     def score(self, window_logits, key_modality, query_modality):
-        probs = self.window_probabilities(window_logits, key_modality, query_modality, n=0.0)
-        return probs.sum(dim=(2, 3))[:, :, None, :]
+        return self.attention_score(window_logits, key_modality, query_modality)
 
     def keep_mask(self, scores, key_modality, n_keep):
         _, _, candidates = self.regions(key_modality, n_keep)
