@@ -9,7 +9,9 @@ import time
 import click
 
 MIB = 1024 * 1024
-DEMO_QUESTION = "Which image shows the blue circle? Answer with the image number."
+# The built-in images are a red square, a blue circle, a green triangle and a yellow square.
+DEMO_QUESTION = ("Question: Which image shows the blue circle?\nOptions:\nA. image 1\nB. image 2\n"
+                 "C. image 3\nD. image 4\nAnswer with the option's letter.")
 
 
 def _kv_bytes_per_slot(config) -> int:
