@@ -23,7 +23,6 @@ by the clock is a prefix of the same run; ``--max-steps`` reproduces it exactly.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys

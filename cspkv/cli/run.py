@@ -15,8 +15,11 @@ DEMO_QUESTION = ("Question: Which image shows the blue circle?\nOptions:\nA. ima
 
 
 def _kv_bytes_per_slot(config) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * 2 * (config.num_key_value_heads or config.num_attention_heads) * head_dim * 4
+    """fp32 K and V bytes of one slot across every layer and KV head."""
+    from cspkv.models.static_llama import DecoderShape
+
+    shape = DecoderShape(config)
+    return shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * 4
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

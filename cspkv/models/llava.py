@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cspkv.pruning import IMAGE, PAD, TEXT, PruningPolicy, check_budget, get_policy, keep_count
-from cspkv.models.static_llama import decode_step, project_heads
+from cspkv.models.static_llama import DecoderShape, decode_step, project_heads
 from cspkv.runtime.slot_reference import RING, RESCORE, SlotTable, null_slot_logit
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
@@ -128,14 +129,10 @@ class LlavaReference:
         self.model = model.eval()
         self.text_model = model.model.language_model
         self.config = model.config.text_config
-        self.n_layers = self.config.num_hidden_layers
-        self.n_heads = self.config.num_attention_heads
-        self.n_kv_heads = getattr(self.config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+        shape = DecoderShape(self.config)
+        self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = (
+            shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim)
         self.image_token_id = model.config.image_token_id
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self._apply_rotary = apply_rotary_pos_emb
 
     # --- prefill ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -160,12 +157,12 @@ class LlavaReference:
             layer = module.layer_idx
             keys = project_heads(module.k_proj, hidden, self.n_kv_heads, self.head_dim)
             queries_all = module.q_proj  # projected lazily per chunk below
-            _, keys = self._apply_rotary(keys, keys, cos, sin)
+            _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
 
             def window_logits(first_row: int, last_row: int) -> torch.Tensor:
                 h = hidden[:, first_row:last_row]
                 q = project_heads(queries_all, h, self.n_heads, self.head_dim)
-                q, _ = self._apply_rotary(q, q, cos[:, first_row:last_row], sin[:, first_row:last_row])
+                q, _ = apply_rotary_pos_emb(q, q, cos[:, first_row:last_row], sin[:, first_row:last_row])
                 rows = torch.arange(first_row, last_row, device=hidden.device)
                 return causal_window_logits(q, keys, rows, module.scaling)
 

@@ -41,25 +41,7 @@ static void fail(int line, const char *what) {
 }
 #define REQUIRE(cond) do { if (!(cond)) fail(__LINE__, #cond); } while (0)
 
-static uint32_t tag(int l, int k, int h, int64_t pos, int d) {
-    uint64_t x = ((((uint64_t)l * 2 + (uint64_t)k) * 4096 + (uint64_t)h) * 1000003u + (uint64_t)pos) * 131u + (uint64_t)d;
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    return (uint32_t)x | 1u;
-}
-
-static void put(void *base, size_t i, uint32_t v, size_t elem) {
-    if (elem == 4) memcpy((char *)base + i * 4, &v, 4);
-    else { uint16_t v16 = (uint16_t)v; memcpy((char *)base + i * 2, &v16, 2); }
-}
-
-static uint32_t get(const void *base, size_t i, size_t elem) {
-    if (elem == 4) { uint32_t v; memcpy(&v, (const char *)base + i * 4, 4); return v; }
-    uint16_t v16;
-    memcpy(&v16, (const char *)base + i * 2, 2);
-    return v16;
-}
+#include "kv_pattern.h"
 
 /* A fake device allocator that refuses copies landing outside its allocation. */
 typedef struct { void *ptr; size_t n; } fake_dev;
