@@ -305,9 +305,15 @@ class KVBuffer:
         _check(self._lib, "cspkv_choose_write_slots", status, f"position={position}")
         return slots
 
-    def attention_bias(self) -> np.ndarray:
-        """float32 [layers, kv_heads, slots]: 0 valid, -inf free, null_logit at the null slot."""
-        bias = np.empty(self.shape, dtype=np.float32)
+    def attention_bias(self, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 [layers, kv_heads, slots]: 0 valid, -inf free, null_logit at the null slot.
+
+        ``out``: a C-contiguous float32 array of that shape to fill (e.g. a bound graph input), so
+        a decode step allocates nothing."""
+        if out is not None and (out.dtype != np.float32 or out.shape != self.shape
+                                or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {self.shape}")
+        bias = np.empty(self.shape, dtype=np.float32) if out is None else out
         _check(self._lib, "cspkv_attention_bias",
                self._lib.cspkv_attention_bias(self._ptr(), bias.ctypes.data, bias.size))
         return bias

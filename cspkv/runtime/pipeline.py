@@ -87,7 +87,7 @@ class OnnxPipeline:
     def _decode(self, token: int, position: int) -> None:
         self._token[0, 0] = token
         self._position[0] = position
-        self._bias[:, 0] = self.buffer.attention_bias()
+        self.buffer.attention_bias(out=self._bias.reshape(self.buffer.shape))   # in place, a view
         if self.copy_cache_each_step:
             copied = np.array(self.buffer.kv).reshape(self.layers, 2, 1, self.heads, self.n_slots, self.head_dim)
             self._binding.bind_ortvalue_input("kv", ort.OrtValue.ortvalue_from_numpy(copied))
