@@ -41,10 +41,14 @@ def test_runtime_decode_time_n_softmax_null_slot(models, exports):
 
 def test_onnx_runtime_reads_the_c_buffer_in_place(exports):
     pipeline = OnnxPipeline(exports("gqa", "csp", 0.5))
-    assert pipeline._kv_value.data_ptr() == pipeline.buffer.kv_ptr
+    # one K and one V block per layer, back to back in the C buffer: layer l, part p at
+    # kv_ptr + (2 l + p) * block bytes
+    block = pipeline.heads * pipeline.n_slots * pipeline.head_dim * 4
+    expected = [pipeline.buffer.kv_ptr + i * block for i in range(2 * pipeline.layers)]
+    assert [value.data_ptr() for value in pipeline._kv_values] == expected
     ids, pixels = multi_image_prompt(2, seed=3)
     pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=4)
-    assert pipeline._kv_value.data_ptr() == pipeline.buffer.kv_ptr   # never rebound or copied
+    assert [value.data_ptr() for value in pipeline._kv_values] == expected   # never rebound or copied
 
 
 def _rss_bytes() -> int:

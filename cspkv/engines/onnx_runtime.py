@@ -76,6 +76,11 @@ class OrtEngine:
         return dict(zip(names, values))
 
     def decode(self, token: int, position: int, kv: np.ndarray, bias: np.ndarray):
-        return self.sessions["decode"].run(None, {"token": np.array([[token]], np.int64),
-                                                  "position": np.array([position], np.int64),
-                                                  "kv": kv, "bias": bias})
+        """One decode step from a whole cache kv [layers, 2, 1, H, S, D] (tests and tools; the
+        pipeline binds the per-layer inputs to its buffer instead)."""
+        feed = {"token": np.array([[token]], np.int64), "position": np.array([position], np.int64),
+                "bias": bias}
+        for layer in range(kv.shape[0]):
+            feed[f"past_key_{layer}"] = kv[layer, 0]
+            feed[f"past_value_{layer}"] = kv[layer, 1]
+        return self.sessions["decode"].run(None, feed)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from cspkv.export.graphs import DecodeGraph, PrefillGraph, VisionGraph
+from cspkv.export.graphs import DecodeGraph, PrefillGraph, VisionGraph, decode_input_names
 from cspkv.export.manifest import build_manifest, write_manifest
 from cspkv.export.onnx_ops import CUSTOM_TRANSLATIONS
 from cspkv.models.llava import check_llava_like
@@ -24,11 +24,14 @@ OPSET = 18
 # (TensorRT's parser does not take them); ONNX Runtime applies its own fusions at session creation.
 OPTIMIZE = False
 
-INPUTS = {
-    "vision": ["pixel_values"],
-    "prefill": ["input_ids", "image_embeds", "modality", "valid_length"],
-    "decode": ["token", "position", "kv", "bias"],
-}
+def graph_inputs(n_layers: int) -> dict[str, list[str]]:
+    return {
+        "vision": ["pixel_values"],
+        "prefill": ["input_ids", "image_embeds", "modality", "valid_length"],
+        "decode": decode_input_names(n_layers),
+    }
+
+
 OUTPUTS = {
     "vision": ["image_features"],
     "prefill": ["logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass"],
@@ -97,12 +100,12 @@ def _image_tokens(model) -> int:
     return patches + (1 if strategy == "full" else 0)
 
 
-def _export_one(module: torch.nn.Module, args: tuple, path: Path, role: str) -> None:
+def _export_one(module: torch.nn.Module, args: tuple, path: Path, role: str, input_names: list[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
                                     custom_translation_table=CUSTOM_TRANSLATIONS,
-                                    input_names=INPUTS[role], output_names=OUTPUTS[role],
+                                    input_names=input_names, output_names=OUTPUTS[role],
                                     external_data=False, verbose=False, optimize=OPTIMIZE)
     import onnxscript.optimizer
 
@@ -174,8 +177,9 @@ def example_inputs(model, plan: ExportPlan) -> dict[str, tuple]:
         "prefill": (torch.zeros(1, p, dtype=torch.int64), torch.zeros(1, p, hidden),
                     torch.zeros(1, p, dtype=torch.int64), torch.tensor([max(2, p // 2)])),
         "decode": (torch.zeros(1, 1, dtype=torch.int64), torch.tensor([p]),
-                   torch.zeros(shape.n_layers, 2, 1, shape.n_kv_heads, plan.n_slots, shape.head_dim),
-                   torch.zeros(shape.n_layers, 1, shape.n_kv_heads, plan.n_slots)),
+                   torch.zeros(shape.n_layers, 1, shape.n_kv_heads, plan.n_slots),
+                   *[torch.zeros(1, shape.n_kv_heads, plan.n_slots, shape.head_dim)
+                     for _ in range(2 * shape.n_layers)]),
     }
 
 
@@ -194,15 +198,16 @@ def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, fo
         "decode": DecodeGraph(model),
     }
     inputs = example_inputs(model, plan)
+    names = graph_inputs(DecoderShape(model.config.text_config).n_layers)
     timings = {}
     for role, module in modules.items():
         progress(f"exporting {role} graph")
         start = time.perf_counter()
         with torch.no_grad():
-            _export_one(module, inputs[role], out / f"{role}.onnx", role)
+            _export_one(module, inputs[role], out / f"{role}.onnx", role, names[role])
         timings[role] = round(time.perf_counter() - start, 2)
     manifest = build_manifest(model, model_id, plan, out, {r: f"{r}.onnx" for r in modules},
-                              INPUTS, OUTPUTS, OPSET, timings)
+                              names, OUTPUTS, OPSET, timings)
     manifest["processor"] = save_processor(processor, out)
     write_manifest(out, manifest)
     return manifest

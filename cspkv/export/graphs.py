@@ -7,7 +7,8 @@ prefill: input_ids [1, P], image_embeds [1, P, hidden] (image features already p
          [1, P], valid_length [1]
          -> logits [1, vocab] of the last valid token, kv [layers, 2, 1, H_kv, S, D], and per slot
          position / modality / valid [layers, H_kv, S] (int64) and mass [layers, H_kv, S] (float)
-decode:  token [1, 1], position [1], kv [layers, 2, 1, H_kv, S, D], bias [layers, 1, H_kv, S]
+decode:  token [1, 1], position [1], bias [layers, 1, H_kv, S], past_key_<i> and past_value_<i>
+         [1, H_kv, S, D] for each layer i (blocks of the runtime's buffer, bound in place)
          -> logits [1, vocab], new_kv [layers, 2, 1, H_kv, 1, D], mass [layers, 1, H_kv, S]
 
 Pruning inside prefill is the policy's own ``score`` and ``keep_mask`` with the budget as a tensor
@@ -118,5 +119,12 @@ class DecodeGraph(nn.Module):
         self.text = model.model.language_model
         self.lm_head = model.lm_head
 
-    def forward(self, token, position, kv, bias):
-        return decode_step(self.text, self.lm_head, token, position, kv, bias)
+    def forward(self, token, position, bias, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        return decode_step(self.text, self.lm_head, token, position, pairs, bias)
+
+
+def decode_input_names(n_layers: int) -> list[str]:
+    """The decode graph's inputs, in order: token, position, bias, then K and V of each layer."""
+    past = [name for i in range(n_layers) for name in (f"past_key_{i}", f"past_value_{i}")]
+    return ["token", "position", "bias", *past]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the decode graph takes one K and one V input per layer
 MANIFEST_NAME = "manifest.json"
 
 

@@ -25,6 +25,8 @@ def sample_feeds(manifest: dict, seed: int = 0) -> dict[str, dict[str, np.ndarra
     shapes = {role: {name: spec["shape"] for name, spec in io[role]["inputs"].items()} for role in io}
     bias = np.where(rng.random(shapes["decode"]["bias"]) < 0.7, 0.0, -np.inf).astype(np.float32)
     bias[..., 0] = 0.0                                  # at least one valid slot
+    decode_kv = {name: rng.standard_normal(shape).astype(np.float32)
+                 for name, shape in shapes["decode"].items() if name.startswith("past_")}
     return {
         "vision": {"pixel_values": rng.standard_normal(shapes["vision"]["pixel_values"]).astype(np.float32)},
         "prefill": {"input_ids": input_ids,
@@ -32,8 +34,7 @@ def sample_feeds(manifest: dict, seed: int = 0) -> dict[str, dict[str, np.ndarra
                     "modality": modality, "valid_length": np.array([length], np.int64)},
         "decode": {"token": np.array([[int(rng.integers(0, model["vocab_size"]))]], np.int64),
                    "position": np.array([length], np.int64),
-                   "kv": rng.standard_normal(shapes["decode"]["kv"]).astype(np.float32),
-                   "bias": bias},
+                   "bias": bias, **decode_kv},
     }
 
 

@@ -266,7 +266,7 @@ class LlavaReference:
             bias = torch.from_numpy(table.attention_bias())[:, None]          # [layers, 1, H, S]
             logits, new_kv, mass = decode_step(self.text_model, self.model.lm_head,
                                                torch.tensor([[tokens[-1]]]), torch.tensor([position]),
-                                               kv, bias)
+                                               [(kv[i, 0], kv[i, 1]) for i in range(self.n_layers)], bias)
             # Write the new token's K/V into its slot in place (what the runtime does).
             kv[layer_idx, :, 0, head_idx, slots] = new_kv[:, :, 0, :, 0].permute(0, 2, 1, 3)
             table.commit_token(slots.numpy(), position)

@@ -78,11 +78,12 @@ def layer_output(layer, hidden: torch.Tensor, attention_out: torch.Tensor) -> to
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor, kv: torch.Tensor,
-                bias: torch.Tensor):
+def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor, past, bias: torch.Tensor):
     """One token through every decoder layer over a slot buffer.
 
-    token [1, 1] int64; position [1] int64 (absolute); kv [layers, 2, 1, H_kv, S, D]; bias
+    token [1, 1] int64; position [1] int64 (absolute); past: one (keys, values) pair per layer, each
+    [1, H_kv, S, D] (separate tensors, so an exported graph reads each layer's block of the runtime's
+    buffer in place instead of splitting one big input, which copies it); bias
     [layers, 1, H_kv, S] (0 valid, -inf free, log n for the n-softmax null slot). The token attends
     to the slots and to itself; the buffer is not modified (the caller writes the new K/V in place).
     Returns logits [1, vocab], new_kv [layers, 2, 1, H_kv, 1, D], and mass [layers, 1, H_kv, S]:
@@ -92,10 +93,11 @@ def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor
     hidden = text_model.embed_tokens(token)
     cos, sin = text_model.rotary_emb(hidden, position.reshape(1, 1))
     new_kv, masses = [], []
-    n_slots = kv.shape[4]
+    n_slots = past[0][0].shape[2]
     for index, layer in enumerate(text_model.layers):
         q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
-        out, probs = decode_attention(q, kv[index, 0], kv[index, 1], k, v, bias[index], layer.self_attn.scaling)
+        past_k, past_v = past[index]
+        out, probs = decode_attention(q, past_k, past_v, k, v, bias[index], layer.self_attn.scaling)
         hidden = layer_output(layer, hidden, out)
         new_kv.append(torch.stack([k, v]))
         masses.append(probs.sum(dim=(2, 3))[..., :n_slots])

@@ -1,8 +1,8 @@
 """Generation over an export folder: vision -> prefill (pruning inside) -> decode over fixed slots.
 
 The KV memory and slot table live in the C library (:class:`KVBuffer`). ONNX Runtime reads the
-buffer in place: the decode graph's ``kv`` input is bound once, with IOBinding, to an OrtValue over
-the C-owned memory, and its outputs go to preallocated arrays; the new token's K/V delta is then
+buffer in place: the decode graph's ``past_key_<i>`` / ``past_value_<i>`` inputs are bound once,
+with IOBinding, to OrtValues over each layer's block of the C-owned memory, and its outputs go to preallocated arrays; the new token's K/V delta is then
 copied into its slot by the C library. Nothing grows after construction.
 """
 
@@ -69,8 +69,14 @@ class OnnxPipeline:
         self._binding = session.io_binding()
         kv_view = self.buffer.kv.reshape(self.layers, 2, 1, self.heads, self.n_slots, self.head_dim)
         assert kv_view.ctypes.data == self.buffer.kv_ptr  # a view, not a copy
-        self._kv_value = ort.OrtValue.ortvalue_from_numpy(kv_view)     # wraps, does not copy (CPU)
-        self._binding.bind_ortvalue_input("kv", self._kv_value)
+        self._kv_values = []                                            # keep the OrtValues alive
+        for layer in range(self.layers):
+            for part, name in enumerate(("past_key", "past_value")):
+                block = kv_view[layer, part]                            # contiguous [1, H, S, D] view
+                value = ort.OrtValue.ortvalue_from_numpy(block)         # wraps, does not copy (CPU)
+                assert value.data_ptr() == block.ctypes.data
+                self._binding.bind_ortvalue_input(f"{name}_{layer}", value)
+                self._kv_values.append(value)
         self._out = {
             "logits": np.empty((1, vocab), np.float32),
             "new_kv": np.empty((self.layers, 2, 1, self.heads, 1, self.head_dim), np.float32),
@@ -90,7 +96,10 @@ class OnnxPipeline:
         self.buffer.attention_bias(out=self._bias.reshape(self.buffer.shape))   # in place, a view
         if self.copy_cache_each_step:
             copied = np.array(self.buffer.kv).reshape(self.layers, 2, 1, self.heads, self.n_slots, self.head_dim)
-            self._binding.bind_ortvalue_input("kv", ort.OrtValue.ortvalue_from_numpy(copied))
+            for layer in range(self.layers):
+                for part, name in enumerate(("past_key", "past_value")):
+                    self._binding.bind_ortvalue_input(f"{name}_{layer}",
+                                                      ort.OrtValue.ortvalue_from_numpy(copied[layer, part]))
         self.engine.sessions["decode"].run_with_iobinding(self._binding)
 
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32,
