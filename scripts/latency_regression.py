@@ -28,7 +28,11 @@ def main() -> int:
     from cspkv.bench import regression
 
     folder = args.export_dir or tempfile.mkdtemp(prefix="cspkv-latency-")
-    if args.export_dir is None or not (regression.Path(folder) / "manifest.json").is_file():
+    from cspkv.export.manifest import ManifestError, read_manifest
+
+    try:
+        read_manifest(folder)          # reuse a current export of the small model
+    except ManifestError:              # none yet, or one from an older cspkv
         regression.export_small(folder)
     measured = regression.measure(folder, copy_cache_each_step=args.plant_copy)
     if args.write_baseline:

@@ -23,8 +23,8 @@ ROUNDS, STEPS_PER_ROUND = 30, 20
 
 
 def small_model():
-    """A 4-layer GQA LLaVA (hidden 256, KV 4 x 2 x 2 x S x 64) whose cache is large enough that
-    copying it every step would show."""
+    """A 4-layer LLaVA (hidden 256, 8 KV heads of 32: KV 4 x 2 x 8 x S x 32, 16 MiB at S = 2048)
+    whose cache is large against its weights, so a step that copied the cache would show."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -32,7 +32,7 @@ def small_model():
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                               image_size=28, patch_size=7, projection_dim=32)
     text = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
                        bos_token_id=1, eos_token_id=None, pad_token_id=0)
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
                                                      vision_feature_layer=-1)).eval()

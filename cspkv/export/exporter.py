@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -100,12 +101,14 @@ def _image_tokens(model) -> int:
     return patches + (1 if strategy == "full" else 0)
 
 
-def _export_one(module: torch.nn.Module, args: tuple, path: Path, role: str, input_names: list[str]) -> None:
+def _export_one(module: torch.nn.Module, args: tuple, path: Path, role: str, input_names: list[str],
+                dynamic_shapes=None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
                                     custom_translation_table=CUSTOM_TRANSLATIONS,
                                     input_names=input_names, output_names=OUTPUTS[role],
+                                    dynamic_shapes=dynamic_shapes,
                                     external_data=False, verbose=False, optimize=OPTIMIZE)
     import onnxscript.optimizer
 
@@ -113,6 +116,38 @@ def _export_one(module: torch.nn.Module, args: tuple, path: Path, role: str, inp
     onnxscript.optimizer.remove_unused_nodes(program.model)
     program.save(str(path))
     replace_castlike(path)
+
+
+def export_decode_graph(model, path: Path, n_slots: int | None = None) -> None:
+    """The decode graph, traced once with a symbolic slot count ``slots`` and then fixed to
+    ``n_slots`` (static shapes, as every engine expects). Left symbolic (n_slots None), one trace
+    serves every budget: :func:`fix_slots` stamps out the static copies (the benchmarks do)."""
+    shape = DecoderShape(model.config.text_config)
+    probe = 64                                   # any size: the slot axis is symbolic in the trace
+    args = (torch.zeros(1, 1, dtype=torch.int64), torch.tensor([probe]),
+            torch.zeros(shape.n_layers, 1, shape.n_kv_heads, probe),
+            *[torch.zeros(1, shape.n_kv_heads, probe, shape.head_dim) for _ in range(2 * shape.n_layers)])
+    slots = torch.export.Dim("slots", min=2, max=1 << 20)
+    dynamic = (None, None, {3: slots}, tuple({2: slots} for _ in range(2 * shape.n_layers)))
+    target = path if n_slots is None else path.with_suffix(".dynamic.onnx")
+    with torch.no_grad():
+        _export_one(DecodeGraph(model), args, target, "decode", decode_input_names(shape.n_layers), dynamic)
+    if n_slots is not None:
+        fix_slots(target, path, n_slots)
+        target.unlink()
+
+
+def fix_slots(src: Path, dst: Path, n_slots: int) -> None:
+    """A static copy of a slot-symbolic decode graph: every ``slots`` dimension set to n_slots."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
+
+    model = onnx.load(str(src))
+    names = {d.dim_param for vi in model.graph.input for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    if names != {"slots"}:
+        raise ExportError(f"{src} is not a slot-symbolic decode graph (symbolic dims: {sorted(names)})")
+    make_dim_param_fixed(model.graph, "slots", n_slots)
+    onnx.save(model, str(dst))
 
 
 def replace_castlike(path: Path) -> None:
@@ -184,8 +219,14 @@ def example_inputs(model, plan: ExportPlan) -> dict[str, tuple]:
 
 
 def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, force: bool = False,
-                 progress: Callable[[str], None] = lambda message: None, processor=None) -> dict:
-    """Write vision.onnx, prefill.onnx, decode.onnx and manifest.json into ``out_dir``."""
+                 progress: Callable[[str], None] = lambda message: None, processor=None,
+                 reuse: dict[str, str | Path] | None = None) -> dict:
+    """Write vision.onnx, prefill.onnx, decode.onnx and manifest.json into ``out_dir``.
+
+    ``reuse`` maps a role to an already exported graph of the same model to copy instead of
+    tracing it again ("decode_dynamic": a slot-symbolic decode graph, fixed to this plan's slots).
+    The caller vouches that they come from this model (the benchmarks build many plans from one).
+    """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} already exists and is not empty: choose another --out or pass --force")
@@ -200,11 +241,23 @@ def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, fo
     inputs = example_inputs(model, plan)
     names = graph_inputs(DecoderShape(model.config.text_config).n_layers)
     timings = {}
+    reuse = reuse or {}
     for role, module in modules.items():
-        progress(f"exporting {role} graph")
         start = time.perf_counter()
-        with torch.no_grad():
-            _export_one(module, inputs[role], out / f"{role}.onnx", role, names[role])
+        target = out / f"{role}.onnx"
+        if role == "decode" and "decode_dynamic" in reuse:
+            progress("fixing the slot count of the decode graph")
+            fix_slots(Path(reuse["decode_dynamic"]), target, plan.n_slots)
+        elif role in reuse:
+            progress(f"reusing {reuse[role]} as the {role} graph")
+            shutil.copyfile(reuse[role], target)
+        elif role == "decode":
+            progress("exporting decode graph")
+            export_decode_graph(model, target, plan.n_slots)
+        else:
+            progress(f"exporting {role} graph")
+            with torch.no_grad():
+                _export_one(module, inputs[role], target, role, names[role])
         timings[role] = round(time.perf_counter() - start, 2)
     manifest = build_manifest(model, model_id, plan, out, {r: f"{r}.onnx" for r in modules},
                               names, OUTPUTS, OPSET, timings)

@@ -16,6 +16,7 @@ Llama, Vicuna, Mistral and Qwen2 language models are.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,6 +109,7 @@ class DecodeResult:
     tokens: list[int]
     logits: list[torch.Tensor]     # per generated token, [vocab]
     slots: int                     # slots per layer and KV head the cache held
+    step_s: list[float] = field(default_factory=list)   # wall time of each decode step
 
 
 @dataclass
@@ -255,12 +257,13 @@ class LlavaReference:
             kv[layer, 0, :, :, :c] = pruned.keys[layer]
             kv[layer, 1, :, :, :c] = pruned.values[layer]
 
-        tokens, all_logits = [first_token], []
+        tokens, all_logits, step_s = [first_token], [], []
         layer_idx = torch.arange(self.n_layers)[:, None]
         head_idx = torch.arange(self.n_kv_heads)[None, :]
         for step in range(max_new_tokens - 1):
             if eos_token_id is not None and tokens[-1] == eos_token_id:
                 break
+            started = time.perf_counter()
             position = pruned.prompt_len + step
             slots = torch.from_numpy(table.choose_write_slots(position)).long()
             bias = torch.from_numpy(table.attention_bias())[:, None]          # [layers, 1, H, S]
@@ -273,7 +276,8 @@ class LlavaReference:
             table.accumulate(mass[:, 0].numpy())
             all_logits.append(logits[0])
             tokens.append(int(logits[0].argmax()))
-        return DecodeResult(tokens=tokens, logits=all_logits, slots=n_slots)
+            step_s.append(time.perf_counter() - started)
+        return DecodeResult(tokens=tokens, logits=all_logits, slots=n_slots, step_s=step_s)
 
 
 def generate_from_ids(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,

@@ -1,0 +1,69 @@
+"""What the benchmark machine is and what its memory can do: description, copy bandwidth, RSS."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> dict:
+    """Best-of-``repeats`` numpy copy of a ``megabytes`` buffer (far above the caches): bytes read
+    plus bytes written per second. A decode step must at least stream its weights and its KV once,
+    so this is the floor's denominator."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)                                   # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    moved = 2 * src.nbytes
+    return {"gb_per_s": moved / best / 1e9, "buffer_mib": megabytes, "repeats": repeats,
+            "method": "numpy.copyto, best of repeats, read + write bytes"}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM, which a new program image starts afresh
+    (ru_maxrss is carried over from the parent across fork and exec, so it is not used)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict:
+    """The machine in words and numbers, for the report."""
+    import onnxruntime
+    import torch
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": _cpu_model(), "cores": cores, "memory_gib": round(memory / 2**30, 1),
+            "machine": platform.machine(), "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()}

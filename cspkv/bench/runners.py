@@ -1,0 +1,138 @@
+"""One benchmark configuration per function: the cspkv runtime on ONNX Runtime, transformers' own
+``generate`` with the full cache, and transformers with the cspkv PyTorch reference pruning.
+(kvpress runs in its own environment: scripts/bench_kvpress.py.)
+
+Each returns the raw timings (TTFT, every decode step) and the K/V bytes held after the last
+token; :mod:`cspkv.bench.worker` runs one of them in a fresh process so peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _result(ttft_s: float, step_s: list[float], kv_bytes: int, **extra) -> dict:
+    return {"ttft_ms": 1e3 * ttft_s, "step_ms": [1e3 * s for s in step_s], "kv_bytes": int(kv_bytes), **extra}
+
+
+def kv_bytes_per_token(config, element_bytes: int = 4) -> int:
+    """K and V of one position across every layer and KV head."""
+    from cspkv.models.static_llama import DecoderShape
+
+    shape = DecoderShape(config)
+    return shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * element_bytes
+
+
+def run_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int,
+              on_token=None) -> dict:
+    """The fixed-budget runtime: OrtEngine (CPU provider, all cores) + the C ring buffer."""
+    from cspkv.runtime.pipeline import OnnxPipeline
+
+    pipeline = OnnxPipeline(folder)
+    result = pipeline.generate(ids, pixels, max_new_tokens=new_tokens, keep_logits=False, on_token=on_token)
+    return _result(result.ttft_s, result.step_s, result.kv_bytes, tokens=len(result.tokens),
+                   slots=pipeline.n_slots, kv_dtype=str(pipeline.buffer.dtype))
+
+
+class _StepClock:
+    """A logits processor that only notes the time: generate calls it once per new token."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def run_hf_full(model, ids: np.ndarray, pixels: np.ndarray, new_tokens: int) -> dict:
+    """transformers' own generate (greedy, its default dynamic cache: the full cache)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    input_ids = torch.from_numpy(ids)[None]
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             pixel_values=torch.from_numpy(pixels) if len(pixels) else None,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             logits_processor=LogitsProcessorList([clock]))
+    generated = out.shape[1] - input_ids.shape[1]
+    stamps = clock.stamps
+    held = (len(ids) + generated - 1) * kv_bytes_per_token(model.config.text_config)
+    return _result(stamps[0] - start, list(np.diff(stamps)), held, tokens=generated)
+
+
+def run_hf_reference(model, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, policy: str,
+                     budget: float, decode_slots: int) -> dict:
+    """transformers prefill + the cspkv PyTorch reference pruning + its slot-buffer decode (ring)."""
+    import torch
+
+    from cspkv.models.llava import LlavaReference
+    from cspkv.pruning import get_policy
+
+    reference = LlavaReference(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        prefill = reference.prefill(torch.from_numpy(ids)[None],
+                                    torch.from_numpy(pixels) if len(pixels) else None,
+                                    {policy: get_policy(policy)})
+        pruned = reference.prune(prefill, policy, budget)
+        first = int(prefill.logits[0].argmax())
+        ttft = time.perf_counter() - start
+        decoded = reference.decode(pruned, first, new_tokens, mode="ring", decode_slots=decode_slots)
+    held = decoded.slots * kv_bytes_per_token(model.config.text_config)
+    return _result(ttft, decoded.step_s, held, tokens=len(decoded.tokens), slots=decoded.slots)
+
+
+def scaling_hf_full(model, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, every: int) -> list[dict]:
+    """Greedy decoding with transformers' dynamic (full) cache, sampled every ``every`` tokens:
+    decode latency (median over the last ``every`` steps), K/V bytes held, RSS."""
+    import torch
+
+    from cspkv.bench.machine import rss_bytes
+
+    per_token = kv_bytes_per_token(model.config.text_config)
+    points, window = [], []
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids)[None], use_cache=True,
+                    pixel_values=torch.from_numpy(pixels) if len(pixels) else None)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for step in range(1, new_tokens):
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            window.append(time.perf_counter() - start)
+            if step % every == 0:
+                points.append({"generated": step, "step_ms": 1e3 * float(np.median(window)),
+                               "kv_bytes": (len(ids) + step) * per_token, "rss_bytes": rss_bytes()})
+                window = []
+    return points
+
+
+def scaling_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, every: int) -> list[dict]:
+    """The same sampling over the fixed-budget runtime (the ring buffer keeps its size)."""
+    from cspkv.bench.machine import rss_bytes
+    from cspkv.runtime.pipeline import OnnxPipeline
+
+    pipeline = OnnxPipeline(folder)
+    points, last = [], [time.perf_counter(), 0]
+    window: list[float] = []
+
+    def on_token(_token):
+        now = time.perf_counter()
+        last[1] += 1
+        if last[1] > 1:
+            window.append(now - last[0])
+        last[0] = now
+        step = last[1] - 1
+        if step and step % every == 0:
+            points.append({"generated": step, "step_ms": 1e3 * float(np.median(window)),
+                           "kv_bytes": pipeline.buffer.nbytes, "rss_bytes": rss_bytes()})
+            window.clear()
+
+    pipeline.generate(ids, pixels, max_new_tokens=new_tokens, keep_logits=False, on_token=on_token)
+    return points

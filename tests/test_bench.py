@@ -1,0 +1,111 @@
+"""csp-bench on the tiny model: prompts of exact length, every runtime's row, ratios and floors, the
+report, and bad arguments. (Timings themselves are not asserted: they are benchmark output.)"""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cspkv.bench import machine, report
+from cspkv.bench.runners import kv_bytes_per_token
+from cspkv.bench.suite import BenchConfig, WEIGHT_BYTES, run_bench, to_json, weight_elements
+from cspkv.bench.workload import bench_prompt, images_for
+from cspkv.models.tiny import IMAGE_TOKEN, tiny_llava
+
+
+@pytest.mark.parametrize("length", [64, 100, 1100])
+def test_bench_prompt_has_the_exact_length_and_its_images(length):
+    model = tiny_llava()
+    ids, pixels = bench_prompt(model, None, length)
+    assert ids.dtype == np.int64 and ids.shape == (length,)
+    assert len(pixels) == images_for(length)
+    assert int((ids == IMAGE_TOKEN).sum()) == 16 * len(pixels)      # 16 tokens per tiny image
+
+
+def test_bench_prompt_too_short_for_its_images_says_so():
+    with pytest.raises(ValueError, match="cannot hold"):
+        bench_prompt(tiny_llava(), None, 10)
+
+
+def test_copy_bandwidth_is_a_plausible_rate():
+    bw = machine.copy_bandwidth(megabytes=32, repeats=3)
+    assert 0.1 < bw["gb_per_s"] < 10_000
+
+
+def test_peak_rss_is_this_process_and_at_least_current():
+    assert machine.peak_rss_bytes() >= machine.rss_bytes() > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    config = BenchConfig(model="tiny", lengths=(96,), budgets=(1.0, 0.5), precisions=("fp32",),
+                         new_tokens=6, decode_slots=6, scaling_tokens=24, scaling_every=8, scaling_length=96,
+                         peers=("hf_full", "hf_reference"),
+                         exports_dir=str(tmp_path_factory.mktemp("bench-exports")))
+    return run_bench(config, progress=lambda message: None)
+
+
+def test_every_runtime_has_a_row_with_its_measurements(tiny_run):
+    runtimes = {(r["runtime"], r["budget"]) for r in tiny_run.rows}
+    assert runtimes == {("transformers full", 1.0), ("transformers+cspkv ref", 1.0), ("cspkv ort", 1.0),
+                        ("transformers+cspkv ref", 0.5), ("cspkv ort", 0.5)}
+    assert not tiny_run.notes
+    for row in tiny_run.rows:
+        assert row["steps"] == 5                      # new_tokens - 1 decode steps
+        assert row["step_p90_ms"] >= row["step_median_ms"] > 0 and row["ttft_ms"] > 0
+        assert row["peak_rss_bytes"] > 50 * 2**20
+
+
+def test_kv_bytes_are_what_each_runtime_holds(tiny_run):
+    model = tiny_llava()
+    per_token = kv_bytes_per_token(model.config.text_config)
+    rows = {(r["runtime"], r["budget"]): r for r in tiny_run.rows}
+    # transformers' cache holds every prompt token and all but the last generated one
+    assert rows["transformers full", 1.0]["kv_bytes"] == (96 + 5) * per_token
+    # the C buffer and the reference hold ceil(b * 96) prompt slots plus 6 decode slots
+    for budget, kept in ((1.0, 96), (0.5, 48)):
+        assert rows["cspkv ort", budget]["kv_bytes"] == (kept + 6) * per_token
+        assert rows["transformers+cspkv ref", budget]["kv_bytes"] == (kept + 6) * per_token
+
+
+def test_floor_and_ratios_follow_their_definitions(tiny_run):
+    result = to_json(tiny_run, "csp-bench --model tiny")
+    elements = weight_elements(tiny_llava())
+    gbps = tiny_run.bandwidth["gb_per_s"]
+    full = next(r for r in result["rows"] if r["runtime"] == "transformers full")
+    assert full["step_vs_hf_full"] == 1.0
+    for row in result["rows"]:
+        floor = 1e3 * (elements * WEIGHT_BYTES[row["precision"]] + row["kv_bytes"]) / (gbps * 1e9)
+        assert row["floor_ms"] == pytest.approx(floor)
+        assert row["x_floor"] == pytest.approx(row["step_median_ms"] / floor)
+        assert row["step_vs_hf_full"] == pytest.approx(row["step_median_ms"] / full["step_median_ms"])
+
+
+def test_scaling_keeps_the_fixed_budget_flat_and_the_full_cache_growing(tiny_run):
+    ours, theirs = tiny_run.scaling["cspkv ort"], tiny_run.scaling["transformers full"]
+    assert [p["generated"] for p in ours] == [p["generated"] for p in theirs] == [8, 16]
+    assert len({p["kv_bytes"] for p in ours}) == 1
+    assert theirs[1]["kv_bytes"] - theirs[0]["kv_bytes"] == 8 * kv_bytes_per_token(tiny_llava().config.text_config)
+
+
+def test_report_writes_table_json_and_plots(tiny_run, tmp_path):
+    files = report.write(to_json(tiny_run, "csp-bench --model tiny"), tmp_path)
+    table = files["markdown"].read_text()
+    assert table.count("| cspkv ort | 96 |") == 2 and "Copy bandwidth" in table
+    assert json.loads(files["json"].read_text())["command"] == "csp-bench --model tiny"
+    for name in ("bench_scaling", "bench_latency"):
+        assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "1.5"], "budgets must be in (0, 1]"),
+    (["--precisions", "int4"], "unknown precision 'int4'"),
+    (["--lengths", "1k"], "comma-separated integers"),
+    (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+])
+def test_bad_arguments_are_refused_before_any_work(args, message):
+    from cspkv.cli.bench import main
+
+    result = CliRunner().invoke(main, ["--model", "tiny", *args])
+    assert result.exit_code != 0 and message in result.output
