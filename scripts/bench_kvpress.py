@@ -69,6 +69,8 @@ def main(spec_path: str, out_path: str) -> int:
 
     with open(spec_path) as f:
         spec = json.load(f)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     presses = {"snapkv": kvpress.SnapKVPress, "streaming_llm": kvpress.StreamingLLMPress}
     press = presses[spec["press"]](compression_ratio=1.0 - float(spec["budget"]))
     model = load_language_model(spec["model_dir"])

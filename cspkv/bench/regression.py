@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 
 BASELINE = Path(__file__).with_name("latency_baseline.json")
-TOLERANCE = 0.15   # fail above baseline * (1 + 15%): run-to-run spread measured here was about 5%
+# Fail above baseline * 1.45. Measured on the 2-core CI machine: the real step's ratio 12.0-16.2
+# (16.2 with two other heavy jobs running), the planted full-cache copy 21.6-24.0 under the same
+# loads, i.e. the limit sits between them with ~12% and ~19% to spare.
+TOLERANCE = 0.45
 ROUNDS, STEPS_PER_ROUND = 30, 20
 
 

@@ -25,12 +25,13 @@ def kv_bytes_per_token(config, element_bytes: int = 4) -> int:
     return shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * element_bytes
 
 
-def run_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int,
+def run_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, threads: int | None = None,
               on_token=None) -> dict:
-    """The fixed-budget runtime: OrtEngine (CPU provider, all cores) + the C ring buffer."""
+    """The fixed-budget runtime: OrtEngine (CPU provider) + the C ring buffer."""
+    from cspkv.engines.onnx_runtime import OrtEngine
     from cspkv.runtime.pipeline import OnnxPipeline
 
-    pipeline = OnnxPipeline(folder)
+    pipeline = OnnxPipeline(OrtEngine(folder, threads=threads))
     result = pipeline.generate(ids, pixels, max_new_tokens=new_tokens, keep_logits=False, on_token=on_token)
     return _result(result.ttft_s, result.step_s, result.kv_bytes, tokens=len(result.tokens),
                    slots=pipeline.n_slots, kv_dtype=str(pipeline.buffer.dtype))
@@ -103,7 +104,7 @@ def scaling_hf_full(model, ids: np.ndarray, pixels: np.ndarray, new_tokens: int,
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for step in range(1, new_tokens):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, cache=cache, use_cache=True)   # transformers 5.24 name
             token = out.logits[:, -1:].argmax(-1)
             window.append(time.perf_counter() - start)
             if step % every == 0:
@@ -113,12 +114,14 @@ def scaling_hf_full(model, ids: np.ndarray, pixels: np.ndarray, new_tokens: int,
     return points
 
 
-def scaling_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, every: int) -> list[dict]:
+def scaling_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, every: int,
+                  threads: int | None = None) -> list[dict]:
     """The same sampling over the fixed-budget runtime (the ring buffer keeps its size)."""
     from cspkv.bench.machine import rss_bytes
+    from cspkv.engines.onnx_runtime import OrtEngine
     from cspkv.runtime.pipeline import OnnxPipeline
 
-    pipeline = OnnxPipeline(folder)
+    pipeline = OnnxPipeline(OrtEngine(folder, threads=threads))
     points, last = [], [time.perf_counter(), 0]
     window: list[float] = []
 

@@ -47,6 +47,7 @@ class BenchConfig:
     kvpress_python: str | None = None
     exports_dir: str = str(Path.home() / ".cache" / "cspkv" / "bench-exports")
     peers: tuple[str, ...] = ("hf_full", "hf_reference", "kvpress")
+    threads: int | None = None      # intra-op threads of every runtime (None: each runtime's default, all cores)
 
 
 @dataclass
@@ -142,12 +143,69 @@ class Exports:
         if precision == "fp32":
             return fp32
         target = self.root / f"{name}-{precision}"
-        if not self._usable(target):
+        if self._usable(target):
+            return target
+        if precision == "fp16":
             from cspkv.engines.precision import convert_export
 
-            self.progress(f"converting {fp32.name} to {precision}")
-            convert_export(fp32, target, precision, force=True, progress=self.progress)
+            self.progress(f"converting {fp32.name} to fp16")
+            convert_export(fp32, target, "fp16", force=True, progress=self.progress)
+        else:
+            self._int8_decode_folder(fp32, target)
         return target
+
+    def _int8_decode_folder(self, fp32: Path, target: Path) -> None:
+        """INT8 decode graph (QDQ, u8s8: this CPU has no VNNI) beside the fp32 vision and prefill
+        graphs. Calibrating prefill at every prompt length takes ~20 min each here, so the bench
+        quantizes the slot-symbolic decode graph once and fixes its slot count per plan; decode
+        latency is what precision changes most, and the table says the prefill stayed fp32."""
+        import json as _json
+
+        from cspkv.export.exporter import ExportPlan, export_model
+        from cspkv.export.manifest import read_manifest, write_manifest
+
+        manifest = read_manifest(fp32, verify_hashes=False)
+        plan = ExportPlan(**manifest["plan"])
+        self.progress(f"building {target.name} (int8 decode graph)")
+        export_model(self.model, target, plan, self.model_id, force=True, processor=self.processor,
+                     reuse={"vision": fp32 / "vision.onnx", "prefill": fp32 / "prefill.onnx",
+                            "decode_dynamic": self._int8_decode_dynamic()})
+        built = read_manifest(target)
+        built["precision"] = "int8-u8s8"
+        built["conversion"] = {"graphs_quantized": ["decode"], "note": "prefill and vision graphs fp32",
+                               **_json.loads(self._int8_meta.read_text())}
+        write_manifest(target, built)
+
+    def _int8_decode_dynamic(self) -> Path:
+        shared = self._shared_graphs()
+        out = shared["decode_dynamic"].with_name("decode.dynamic.int8-u8s8.onnx")
+        self._int8_meta = out.with_suffix(".json")
+        if out.is_file() and self._int8_meta.is_file():
+            return out
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+        from cspkv.engines import precision as pr
+
+        calibration_folder = self.folder(min(1024, max(self.config.lengths)), 0.5, "fp32")
+        self.progress(f"calibrating the int8 decode graph on {calibration_folder.name}'s train-split feeds")
+        calibration = pr.resolve_calibration(calibration_folder, "auto", self.progress)
+        reader = calibration.reader("decode", None)
+        source = shared["decode_dynamic"]
+        model = onnx.load(str(source))
+        ranges = pr.calibrate_ranges(source, reader, None)
+        outliers = pr.outlier_matmuls(model, ranges)
+        excluded = sorted(set(pr.module_nodes(model, pr.INT8_EXCLUDE_MODULES)) | set(outliers))
+        options = pr.int8_options("u8s8")
+        reader.rewind()
+        quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                        reduce_range=options["reduce_range"], activation_type=options["activation_type"],
+                        weight_type=options["weight_type"], nodes_to_exclude=excluded,
+                        calibrate_method=CalibrationMethod.MinMax, extra_options=dict(options["extra_options"]))
+        self._int8_meta.write_text(json.dumps({"flavour": "u8s8", "excluded_fp32": len(excluded),
+                                               "calibration": calibration.meta}, default=str))
+        return out
 
 
 def _prompt_files(model, processor, lengths, work: Path) -> dict[int, dict[str, Path]]:
@@ -212,7 +270,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> B
 
     for length in lengths:
         prompt = str(prompts[length]["prompt"])
-        base = {"model": config.model, "prompt": prompt, "new_tokens": config.new_tokens}
+        base = {"model": config.model, "prompt": prompt, "new_tokens": config.new_tokens, "threads": config.threads}
         if "hf_full" in config.peers:
             attempt(f"hf_full L={length}", lambda: record(
                 "transformers full", length, 1.0, "fp32", _worker({**base, "kind": "hf_full"})))
@@ -233,7 +291,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> B
                     attempt(f"kvpress {press} L={length} b={budget}", lambda press=press: record(
                         f"kvpress {press}", length, budget, "fp32", _worker(
                             {"model_dir": str(model_dir), "embeds": str(prompts[length]["embeds"]),
-                             "press": press, "budget": budget, "new_tokens": config.new_tokens},
+                             "press": press, "budget": budget, "new_tokens": config.new_tokens,
+                             "threads": config.threads},
                             python=config.kvpress_python, script=KVPRESS_SCRIPT)))
     if "kvpress" in config.peers and not config.kvpress_python:
         run.notes.append("kvpress not run: pass --kvpress-python (an environment with transformers < 5.3 "
@@ -246,7 +305,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> B
 
 def _scaling(run: BenchRun, config: BenchConfig, exports: Exports, prompt: Path, progress, attempt) -> None:
     spec = {"model": config.model, "prompt": str(prompt), "new_tokens": config.scaling_tokens,
-            "every": config.scaling_every}
+            "every": config.scaling_every, "threads": config.threads}
 
     def cspkv():
         folder = exports.folder(config.scaling_length, config.scaling_budget, "fp32")

@@ -19,6 +19,11 @@ def run(spec: dict) -> dict:
     from cspkv.bench import runners
     from cspkv.bench.machine import peak_rss_bytes, rss_bytes
 
+    threads = spec.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     prompt = np.load(spec["prompt"])
     ids, pixels = prompt["ids"], prompt["pixels"]
     kind, new_tokens = spec["kind"], spec["new_tokens"]
@@ -26,9 +31,9 @@ def run(spec: dict) -> dict:
     baseline_rss = rss_bytes()
     if kind in ("cspkv", "scaling_cspkv"):
         if kind == "cspkv":
-            out = runners.run_cspkv(spec["folder"], ids, pixels, new_tokens)
+            out = runners.run_cspkv(spec["folder"], ids, pixels, new_tokens, threads)
         else:
-            out = {"points": runners.scaling_cspkv(spec["folder"], ids, pixels, new_tokens, spec["every"])}
+            out = {"points": runners.scaling_cspkv(spec["folder"], ids, pixels, new_tokens, spec["every"], threads)}
     else:
         from cspkv.models.registry import load_model
 

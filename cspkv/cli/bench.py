@@ -39,10 +39,12 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--peers", default="hf_full,hf_reference,kvpress", show_default=True)
 @click.option("--kvpress-python", type=click.Path(), default=None,
               help="Python of an environment with kvpress (transformers < 5.3); see scripts/bench_kvpress.py.")
+@click.option("--threads", type=int, default=None,
+              help="Intra-op threads for every runtime (default: each runtime's own, all cores).")
 @click.option("--exports-dir", type=click.Path(), default=None, help="Where export folders are cached.")
 @click.option("--out", type=click.Path(), default="results", show_default=True)
 def main(model, lengths, budgets, precisions, policy, new_tokens, decode_slots, scaling_tokens, scaling_every,
-         scaling_length, peers, kvpress_python, exports_dir, out):
+         scaling_length, peers, kvpress_python, threads, exports_dir, out):
     """Benchmark decode latency per token, TTFT, tokens/s, KV bytes and peak RSS; writes
     OUT/bench.json, OUT/bench.md and PNG plots, and prints the table."""
     from pathlib import Path
@@ -59,7 +61,7 @@ def main(model, lengths, budgets, precisions, policy, new_tokens, decode_slots, 
     config = BenchConfig(model=model, lengths=_ints(lengths), budgets=_floats(budgets), precisions=precision_list,
                          policy=policy, new_tokens=new_tokens, decode_slots=decode_slots,
                          scaling_tokens=scaling_tokens, scaling_every=scaling_every, scaling_length=scaling_length,
-                         peers=tuple(p for p in peers.split(",") if p), kvpress_python=kvpress_python)
+                         peers=tuple(p for p in peers.split(",") if p), kvpress_python=kvpress_python, threads=threads)
     if exports_dir:
         config.exports_dir = exports_dir
     try:
