@@ -11,7 +11,6 @@ copy bandwidth).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -277,7 +276,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> B
         for budget in config.budgets:
             if "hf_reference" in config.peers:
                 attempt(f"hf_reference L={length} b={budget}", lambda: record(
-                    f"transformers+cspkv ref", length, budget, "fp32",
+                    "transformers+cspkv ref", length, budget, "fp32",
                     _worker({**base, "kind": "hf_reference", "policy": config.policy, "budget": budget,
                              "decode_slots": config.decode_slots})))
             for precision in config.precisions:
