@@ -34,14 +34,27 @@ def _params(cross_ratio, n, recent_ratio, window_ratio, policy):
 @click.option("--max-prompt", type=int, default=2048, show_default=True, help="P_max: the static prompt length.")
 @click.option("--decode-slots", type=int, default=256, show_default=True, help="G: KV slots for generated tokens.")
 @click.option("--n-decode", type=float, default=0.0, show_default=True, help="Decode-time n-softmax (adds a null slot) when > 0.")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True,
-              help="fp16/int8 arrive with the engines issue.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16: float16 graphs and K/V; int8: QDQ weight MatMuls (K/V fp32). Non-fp32 exports an "
+                   "fp32 folder first (or takes --from) and converts it.")
+@click.option("--int8-flavour", type=click.Choice(["u8s8", "s8s8"]), default="u8s8", show_default=True,
+              help="int8: u8s8 (uint8 activations, ONNX Runtime CPU) or s8s8 (symmetric int8, TensorRT).")
+@click.option("--calibration", default="auto", show_default=True,
+              help="int8: 'auto' builds (and caches) the built-in set for --model default / tiny; or the folder "
+                   "of a saved calibration set (cspkv.calibration.record_calibration_set).")
+@click.option("--from", "from_folder", type=click.Path(), default=None,
+              help="Convert this existing fp32 export folder to --precision instead of exporting again.")
 @click.option("--out", type=click.Path(), required=True, help="Output folder (graphs + manifest.json).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def main(model, budget, policy, cross_ratio, n, recent_ratio, window_ratio, max_prompt, decode_slots,
-         n_decode, precision, out, force):
+         n_decode, precision, int8_flavour, calibration, from_folder, out, force):
     """Export LLaVA into static-shape ONNX graphs (vision, prefill with pruning, decode)."""
     from pathlib import Path
+
+    if from_folder is not None or precision != "fp32":
+        return _export_precision(model, budget, policy, _params(cross_ratio, n, recent_ratio, window_ratio, policy),
+                                 max_prompt, decode_slots, n_decode, precision, int8_flavour, calibration,
+                                 from_folder, Path(out), force)
 
     from cspkv.export.exporter import ExportError, ExportPlan, export_model
     from cspkv.models.registry import ModelNotFound, load_model
@@ -68,3 +81,50 @@ def main(model, budget, policy, cross_ratio, n, recent_ratio, window_ratio, max_
                f"budget {budget} -> {slots['prompt_max']} prompt slots + {slots['decode']} decode slots"
                f"{' + null slot' if slots['null_slot'] else ''} = {slots['total']} per layer and KV head, "
                f"P_max {max_prompt}")
+
+
+def _echo_files(manifest: dict, target) -> None:
+    total = 0
+    for name, meta in manifest["files"].items():
+        total += meta["bytes"]
+        click.echo(f"  {name:<14} {meta['bytes'] / 2**20:9.1f} MiB")
+    click.echo(f"wrote {target} ({total / 2**20:.1f} MiB): precision {manifest['precision']}, "
+               f"K/V {manifest['kv_dtype']}, from fp32 model {manifest['source']['fingerprint'][:12]}")
+
+
+def _export_precision(model, budget, policy, params, max_prompt, decode_slots, n_decode, precision, flavour,
+                      calibration, from_folder, target, force):
+    """--precision fp16|int8 (exports fp32 to a temporary folder first), or --from FP32_FOLDER."""
+    import tempfile
+    from pathlib import Path
+
+    from cspkv.calibration import HOW_TO, CalibrationError
+    from cspkv.engines.precision import PrecisionError, convert_export
+    from cspkv.export.exporter import ExportError, ExportPlan, export_model
+    from cspkv.export.manifest import ManifestError
+    from cspkv.models.registry import ModelNotFound, load_model
+
+    if precision == "fp32":
+        raise click.UsageError("--from converts an fp32 export: give --precision fp16 or int8")
+    if target.exists() and any(target.iterdir()) and not force:
+        raise click.ClickException(f"{target} already exists and is not empty: choose another --out or pass --force")
+    if precision == "int8" and calibration == "auto" and from_folder is None and model not in ("default", "tiny"):
+        raise click.ClickException(f"--precision int8 needs calibration data and --model {model} has none "
+                                   f"built in.\n{HOW_TO}")
+    if precision == "int8" and calibration != "auto" and not Path(calibration).is_dir():
+        raise click.ClickException(f"--calibration {calibration}: no such folder.\n{HOW_TO}")
+    progress = lambda message: click.echo(message + " ...", err=True)  # noqa: E731
+    try:
+        if from_folder is not None:
+            manifest = convert_export(from_folder, target, precision, flavour, calibration, force, progress)
+        else:
+            click.echo(f"loading model {model!r} ...", err=True)
+            net, processor, model_id = load_model(model)
+            plan = ExportPlan.make(net, policy, params, budget, max_prompt, decode_slots, n_decode)
+            with tempfile.TemporaryDirectory(prefix="cspkv-fp32-") as tmp:
+                fp32 = Path(tmp) / "fp32"
+                export_model(net, fp32, plan, model_id, progress=progress, processor=processor)
+                manifest = convert_export(fp32, target, precision, flavour, calibration, force, progress)
+    except (ExportError, ModelNotFound, PrecisionError, ManifestError, CalibrationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _echo_files(manifest, target)

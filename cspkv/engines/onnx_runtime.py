@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cspkv.export.manifest import ManifestError, read_manifest
+from cspkv.export.manifest import ManifestError, kv_dtype, read_manifest
 
 
 class OrtEngine:
@@ -33,6 +33,12 @@ class OrtEngine:
         self.vision_batch = plan["vision_batch"]
         self.image_size = plan["image_size"]
         self.hidden_size = self.manifest["model"]["hidden_size"]
+        self.precision = self.manifest.get("precision", "fp32")
+        self.kv_dtype = kv_dtype(self.manifest)          # float16 for fp16 exports, else float32
+        declared = self.manifest["io"]["decode"]["inputs"].get("past_key_0", {}).get("dtype")
+        if declared is not None and declared != self.kv_dtype.name:
+            raise ManifestError(f"{self.folder}: manifest kv_dtype {self.kv_dtype.name} but decode.onnx takes "
+                                f"{declared} K/V: re-convert the export with this cspkv")
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N, 3, H, W] float32 -> [N, T, hidden], run in the graph's static batch."""
@@ -81,6 +87,6 @@ class OrtEngine:
         feed = {"token": np.array([[token]], np.int64), "position": np.array([position], np.int64),
                 "bias": bias}
         for layer in range(kv.shape[0]):
-            feed[f"past_key_{layer}"] = kv[layer, 0]
-            feed[f"past_value_{layer}"] = kv[layer, 1]
+            feed[f"past_key_{layer}"] = np.asarray(kv[layer, 0], dtype=self.kv_dtype)
+            feed[f"past_value_{layer}"] = np.asarray(kv[layer, 1], dtype=self.kv_dtype)
         return self.sessions["decode"].run(None, feed)

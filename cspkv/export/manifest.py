@@ -11,6 +11,9 @@ import onnx
 
 MANIFEST_VERSION = 2  # 2: the decode graph takes one K and one V input per layer
 MANIFEST_NAME = "manifest.json"
+# precision -> dtype of the K/V tensors (prefill `kv`, decode `past_*` / `new_kv`) and of the runtime's
+# C buffer. fp32 graphs come from csp-export; the others from cspkv.engines.precision.
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8-u8s8": "float32", "int8-s8s8": "float32"}
 
 
 class ManifestError(ValueError):
@@ -91,6 +94,7 @@ def build_manifest(model, model_id, plan, out: Path, graphs: dict, inputs: dict,
         "opset": opset,
         "exporter": "torch.onnx dynamo",
         "precision": "fp32",
+        "kv_dtype": PRECISIONS["fp32"],
         "export_seconds": timings,
         "versions": package_versions(),
         "files": files,
@@ -117,6 +121,14 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> dict:
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path} has manifest version {manifest.get('manifest_version')!r}; this "
                             f"cspkv reads version {MANIFEST_VERSION}: re-export with this cspkv")
+    precision = manifest.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ManifestError(f"{path} has precision {precision!r}; this cspkv runs "
+                            f"{', '.join(PRECISIONS)}: convert the fp32 export again with this cspkv "
+                            "(csp-export --from FP32_FOLDER --precision ...) or upgrade cspkv")
+    if manifest.get("kv_dtype", "float32") not in ("float32", "float16"):
+        raise ManifestError(f"{path} has kv_dtype {manifest.get('kv_dtype')!r}; the runtime's KV buffer "
+                            "holds float32 or float16: re-convert the export with this cspkv")
     for name, meta in manifest.get("files", {}).items():
         file = folder / name
         if not file.is_file():
@@ -125,3 +137,10 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> dict:
             raise ManifestError(f"{file} does not match its manifest hash (corrupt or replaced): "
                                 "re-run csp-export")
     return manifest
+
+
+def kv_dtype(manifest: dict):
+    """numpy dtype of the export's K/V tensors and of the runtime's buffer (float32 when absent)."""
+    import numpy as np
+
+    return np.dtype(manifest.get("kv_dtype", "float32"))

@@ -79,6 +79,18 @@ class _Config(ctypes.Structure):
 
 
 _P, _I, _SZ, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_int64
+
+# cspkv_allocator's hooks (cspkv.h): where the K/V memory lives (e.g. cudaMalloc'd device memory).
+ALLOC_FN = ctypes.CFUNCTYPE(_P, _P, _SZ)
+FREE_FN = ctypes.CFUNCTYPE(None, _P, _P, _SZ)
+COPY_FN = ctypes.CFUNCTYPE(ctypes.c_int, _P, _P, _P, _SZ, ctypes.c_int)
+
+
+class Allocator(ctypes.Structure):
+    """cspkv_allocator, field for field: alloc/free/copy hooks and their user pointer. The Python
+    callables behind the hooks must outlive the buffer (KVBuffer keeps the structure)."""
+
+    _fields_ = [("alloc", ALLOC_FN), ("free", FREE_FN), ("copy", COPY_FN), ("user", _P)]
 _SIGNATURES = {  # name: (restype, argtypes); arrays travel as raw addresses (c_void_p)
     "cspkv_abi_version": (_I, []),
     "cspkv_status_string": (ctypes.c_char_p, [_I]),
@@ -209,7 +221,7 @@ class KVBuffer:
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_slots: int, head_dim: int,
                  dtype=np.float32, policy: str = RING, n_recent: int = 0, n_sink: int = 0,
-                 null_logit: float | None = None):
+                 null_logit: float | None = None, allocator: Allocator | None = None):
         dims = {name: _int(name, v, 1, _INT32.max) for name, v in
                 (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("n_slots", n_slots),
                  ("head_dim", head_dim))}
@@ -238,9 +250,15 @@ class KVBuffer:
                       self.n_sink, int(null_logit is not None),
                       0.0 if null_logit is None else null_logit)
         ptr = _P()
-        _check(self._lib, "cspkv_create", self._lib.cspkv_create(ctypes.byref(cfg), None, ctypes.byref(ptr)),
+        # allocator: K/V memory from these hooks (device memory: see cspkv.engines.tensorrt); the
+        # library copies the struct, the hooks' callables are kept alive by self._allocator.
+        self._allocator = allocator
+        _check(self._lib, "cspkv_create",
+               self._lib.cspkv_create(ctypes.byref(cfg), None if allocator is None else ctypes.byref(allocator),
+                                      ctypes.byref(ptr)),
                f"config {self.kv_shape} {self.dtype}")
         self._handle: _Handle | None = _Handle(self._lib, ptr.value)
+        self._handle.allocator = allocator  # the free hook runs when the handle goes: keep it alive as long
         kv_bytes, host_bytes = _SZ(), _SZ()
         self._lib.cspkv_bytes_held(ptr, ctypes.byref(kv_bytes), ctypes.byref(host_bytes))
         self.nbytes = kv_bytes.value  # K/V memory
@@ -386,6 +404,9 @@ class KVBuffer:
     def kv(self) -> np.ndarray:
         """Zero-copy view [layers, 2, kv_heads, slots, head_dim] of the K/V memory. It keeps the C
         buffer alive; writing through it bypasses the slot table (never write the null slot)."""
+        if self._allocator is not None:
+            raise ValueError("this buffer's K/V memory comes from an allocator (e.g. on a GPU): numpy cannot "
+                             "view it; use kv_ptr")
         handle = self._handle
         return np.asarray(_KVMemory(handle, self.kv_ptr, self.kv_shape, self.dtype))
 

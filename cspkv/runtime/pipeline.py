@@ -56,7 +56,8 @@ class OnnxPipeline:
         self.layers, self.heads, self.head_dim = model["layers"], model["kv_heads"], model["head_dim"]
         self.n_slots, self.max_keep = plan["n_slots"], plan["max_keep"]
         null_logit = float(np.log(plan["decode_n"])) if plan["decode_n"] > 0 else None
-        self.buffer = KVBuffer(self.layers, self.heads, self.n_slots, self.head_dim, np.float32, policy,
+        self.kv_dtype = self.engine.kv_dtype         # manifest kv_dtype: float16 for fp16 exports
+        self.buffer = KVBuffer(self.layers, self.heads, self.n_slots, self.head_dim, self.kv_dtype, policy,
                                n_recent, n_sink, null_logit)
         # The slower design the runtime avoids (hand the graph a fresh copy of the whole cache every
         # step); kept only so the latency regression check can show it would catch it.
@@ -79,7 +80,7 @@ class OnnxPipeline:
                 self._kv_values.append(value)
         self._out = {
             "logits": np.empty((1, vocab), np.float32),
-            "new_kv": np.empty((self.layers, 2, 1, self.heads, 1, self.head_dim), np.float32),
+            "new_kv": np.empty((self.layers, 2, 1, self.heads, 1, self.head_dim), self.kv_dtype),
             "mass": np.empty((self.layers, 1, self.heads, self.n_slots), np.float32),
         }
         for name, array in self._out.items():
@@ -117,7 +118,7 @@ class OnnxPipeline:
         out = self.engine.prefill(input_ids, modality, features)
         c = self.max_keep
         n_valid = out["slot_valid"][:, :, :c].sum(-1).astype(np.int32)
-        kv = np.ascontiguousarray(out["kv"][:, :, 0, :, :c])                 # [layers, 2, H, C, D]
+        kv = np.ascontiguousarray(out["kv"][:, :, 0, :, :c], dtype=self.kv_dtype)  # [layers, 2, H, C, D]
         self.buffer.load_prefill(kv, out["slot_position"][:, :, :c], out["slot_modality"][:, :, :c],
                                  n_valid, len(input_ids), out["slot_mass"][:, :, :c])
         kept = out["slot_position"][:, :, : int(n_valid.min())]
@@ -140,6 +141,6 @@ class OnnxPipeline:
             steps.append(time.perf_counter() - t0)
             if on_token:
                 on_token(tokens[-1])
-        per_entry = self.layers * 2 * self.heads * self.head_dim * 4
+        per_entry = self.layers * 2 * self.heads * self.head_dim * self.kv_dtype.itemsize
         return PipelineResult(tokens, logits, kept, len(input_ids), ttft, steps, self.buffer.nbytes,
                               (len(input_ids) + len(tokens)) * per_entry)

@@ -1,0 +1,502 @@
+"""FP16 and INT8 variants of an fp32 export folder (ONNX Runtime's own converters).
+
+    convert_export("exports/fp32", "exports/fp16", "fp16")
+    convert_export("exports/fp32", "exports/int8", "int8", flavour="s8s8")   # calibration: auto
+
+fp16 (``onnxruntime.transformers.float16``): weights and activations in float16, with
+  * the K/V tensors in float16 too -- prefill's ``kv`` output, decode's ``past_key_<i>`` /
+    ``past_value_<i>`` inputs and ``new_kv`` output -- so the runtime's C buffer holds float16
+    (half the memory) and no step casts the cache; the manifest says ``kv_dtype: float16``;
+  * every other graph input/output in its fp32/int64 type (``keep_io_types``), so the runtime feeds
+    and reads the same arrays as for fp32;
+  * in float32 (blocked from conversion): the pruning path of prefill -- the window logits, the
+    n-softmax statistics (ReduceMax/Exp/ReduceSum/Div), the self/cross scores, the top-k and the
+    re-score mass -- found structurally (:func:`scoring_path_nodes`), the decode mass path, every
+    TopK and Softmax, and the RMSNorm modules (:func:`norm_nodes`: the default model's mean square
+    reaches ~1e6, past float16's 65504). The converter casts around each blocked node separately,
+    so adjacent fp32 nodes would still pass values through float16: :func:`remove_cast_round_trips`
+    joins them, and the result is re-sorted topologically (checker / TensorRT parser order).
+int8 (``onnxruntime.quantization.quantize_static``, QDQ, MinMax): the weight MatMuls/Gemms only
+  (MatMulConstBOnly: attention's activation-activation MatMuls and the scoring path stay fp32), K/V
+  stays float32, calibrated on recorded feeds of the fp32 export (:mod:`cspkv.calibration`; the
+  ranges are cached beside the calibration set, so both flavours calibrate once). Flavours:
+  ``u8s8`` (activations QUInt8 asymmetric, weights QInt8 with reduce_range: this CPU class has no
+  VNNI, where u8s8 saturates) for ONNX Runtime CPU, and ``s8s8`` (activations and weights QInt8,
+  symmetric: what TensorRT's explicit quantization takes). Kept fp32: ``lm_head``
+  (:data:`INT8_EXCLUDE_MODULES`) and every weight MatMul whose calibrated input exceeds
+  :data:`INT8_OUTLIER_LIMIT` (:func:`outlier_matmuls`; prefill and decode keep the same modules).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from cspkv.export.manifest import (
+    MANIFEST_VERSION,
+    PRECISIONS,
+    ManifestError,
+    _io_specs,
+    file_sha256,
+    package_versions,
+    read_manifest,
+    write_manifest,
+)
+
+CLI_PRECISIONS = ("fp32", "fp16", "int8")
+INT8_FLAVOURS = ("u8s8", "s8s8")
+FP16_OP_BLOCK = ("TopK", "Softmax")
+# RMSNorm modules stay fp32: the mean square of the residual stream reaches ~1e6 in the default model
+# (a few "massive activations" of ~1e3), far past float16's 65504.
+FP16_BLOCK_MODULE_SUFFIXES = ("layernorm", "norm")
+# Module paths (the exporter's "namespace" metadata) whose MatMuls stay fp32 in INT8 exports.
+INT8_EXCLUDE_MODULES = ("lm_head",)
+# A weight MatMul whose calibrated input reaches |x| > this stays fp32: per-tensor int8 then has a step
+# of > 0.25 while the bulk of the values is ~0.1 (the default model's MLP down_proj inputs carry
+# "massive activations" of 40-3000 in a few layers; every other input stays below ~15).
+INT8_OUTLIER_LIMIT = 32.0
+KV_OUTPUTS = {"prefill": ("kv",), "decode": ("new_kv",)}
+
+
+class PrecisionError(ValueError):
+    """A conversion that cannot be done; the message says what to do."""
+
+
+# ---- graph analysis --------------------------------------------------------------------------
+
+def _producers(graph) -> dict[str, int]:
+    return {output: index for index, node in enumerate(graph.node) for output in node.output}
+
+
+def _ancestor_nodes(graph, tensors, producers=None) -> set[int]:
+    """Indices of the nodes that ``tensors`` depend on (subgraph-free graphs)."""
+    producers = producers or _producers(graph)
+    seen: set[int] = set()
+    queue = deque(tensors)
+    while queue:
+        index = producers.get(queue.popleft())
+        if index is None or index in seen:
+            continue
+        seen.add(index)
+        queue.extend(graph.node[index].input)
+    return seen
+
+
+def scoring_path_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that only serve pruning (prefill: what the TopK nodes and ``slot_mass``
+    depend on, and the TopKs, minus what ``logits`` depends on) or the decode mass (what ``mass``
+    depends on beyond ``logits`` / ``new_kv``)."""
+    graph = model.graph
+    producers = _producers(graph)
+    outputs = {o.name for o in graph.output}
+    if "slot_mass" in outputs:
+        topk = {i for i, node in enumerate(graph.node) if node.op_type == "TopK"}
+        roots = [name for i in topk for name in graph.node[i].input] + ["slot_mass"]
+        scoring = _ancestor_nodes(graph, roots, producers) | topk
+        main = _ancestor_nodes(graph, ["logits"], producers)
+    elif "mass" in outputs:
+        scoring = _ancestor_nodes(graph, ["mass"], producers)
+        main = _ancestor_nodes(graph, ["logits", "new_kv"], producers)
+    else:
+        return []
+    return [graph.node[i].name for i in sorted(scoring - main)]
+
+
+def _module_of(node) -> str:
+    """The innermost module a node was traced from, from the exporter's "namespace" metadata:
+    ": ...PrefillGraph/text.layers.0.mlp: ...LlamaMLP/text.layers.0.mlp.down_proj: ...Linear/linear_6:
+    aten.linear.default" -> "text.layers.0.mlp.down_proj" ("" for ops of the graph module itself)."""
+    for prop in node.metadata_props:
+        if prop.key == "namespace":
+            segments = prop.value.split("/")
+            return segments[-2].split(": ", 1)[0] if len(segments) >= 3 else ""
+    return ""
+
+
+def module_nodes(model: onnx.ModelProto, modules, op_types=("MatMul", "Gemm")) -> list[str]:
+    """Names of the ``op_types`` nodes traced from one of ``modules`` (e.g. "lm_head",
+    "text.layers.29.mlp")."""
+    wanted = tuple(modules)
+    names = []
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        module = _module_of(node)
+        if any(module == m or module.startswith(m + ".") or module.startswith(m + "/") for m in wanted):
+            names.append(node.name)
+    return names
+
+
+def norm_nodes(model: onnx.ModelProto, suffixes=FP16_BLOCK_MODULE_SUFFIXES) -> list[str]:
+    """Names of the nodes traced from a module whose last path component ends with a suffix
+    (``text.layers.3.input_layernorm``, ``text.norm``)."""
+    names = []
+    for node in model.graph.node:
+        leaf = _module_of(node).rsplit(".", 1)[-1]
+        if leaf and leaf.endswith(tuple(suffixes)):
+            names.append(node.name)
+    return names
+
+
+def remove_cast_round_trips(model: onnx.ModelProto) -> int:
+    """Cast(float32 -> float16) -> Cast(-> float32) between two fp32 nodes: the converter casts each
+    blocked node's inputs and outputs on its own, so adjacent fp32 nodes pass values through float16
+    (overflowing past 65504). Consumers of the second Cast read the float32 value directly instead."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    producers = _producers(graph)
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    def dtype(name):
+        index = producers.get(name)
+        if index is not None and cast_to(graph.node[index]) is not None:
+            return cast_to(graph.node[index])
+        return types.get(name)
+
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT:
+            continue
+        first = producers.get(node.input[0])
+        if first is None or cast_to(graph.node[first]) != TensorProto.FLOAT16:
+            continue
+        source = graph.node[first].input[0]
+        if dtype(source) == TensorProto.FLOAT:
+            rename[node.output[0]] = source
+    if not rename:
+        return 0
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    kept = [node for node in graph.node
+            if not (node.op_type == "Cast" and node.output[0] in rename and node.output[0] not in outputs)]
+    # drop float16 casts nobody reads any more
+    while True:
+        used = {name for node in kept for name in node.input} | outputs
+        pruned = [node for node in kept if node.op_type != "Cast" or node.output[0] in used]
+        if len(pruned) == len(kept):
+            break
+        kept = pruned
+    removed = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return removed
+
+
+def topological_sort(graph) -> None:
+    """Reorder nodes so each comes after the producers of its inputs (the float16 converter appends
+    the Casts of graph inputs at the end; onnx's checker and TensorRT's parser need the order)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    producers = _producers(graph)
+    ordered, placed = [], set()
+    waiting: dict[str, list[int]] = {}
+    missing = []
+    for index, node in enumerate(graph.node):
+        missing.append({name for name in node.input if name not in available and name in producers})
+    ready = deque(i for i, m in enumerate(missing) if not m)
+    for index, m in enumerate(missing):
+        for name in m:
+            waiting.setdefault(name, []).append(index)
+    while ready:
+        index = ready.popleft()
+        if index in placed:
+            continue
+        placed.add(index)
+        ordered.append(graph.node[index])
+        for name in graph.node[index].output:
+            for consumer in waiting.pop(name, []):
+                missing[consumer].discard(name)
+                if not missing[consumer]:
+                    ready.append(consumer)
+    if len(ordered) != len(graph.node):
+        raise PrecisionError("the converted graph has a cycle or a dangling input: report this as a bug")
+    nodes = [onnx.NodeProto() for _ in ordered]
+    for target, node in zip(nodes, ordered):
+        target.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Node-level block/exclude lists need unique node names; the exporter gives them, but make sure."""
+    seen = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+
+
+# ---- folders and manifests -------------------------------------------------------------------
+
+def _prepare(src: Path, dst: Path, force: bool) -> dict:
+    manifest = read_manifest(src)
+    if manifest.get("precision", "fp32") != "fp32":
+        raise PrecisionError(f"{src} is a {manifest['precision']} export: convert from the fp32 export")
+    if dst.resolve() == src.resolve():
+        raise PrecisionError("--out must differ from the fp32 folder")
+    if dst.exists() and any(dst.iterdir()):
+        if not force:
+            raise PrecisionError(f"{dst} already exists and is not empty: choose another --out or pass --force")
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    return manifest
+
+
+def _finish(src: Path, dst: Path, source: dict, precision: str, conversion: dict) -> dict:
+    manifest = json.loads(json.dumps(source))  # deep copy
+    if source.get("processor"):
+        path = source["processor"]["path"]
+        shutil.copytree(src / path, dst / path, dirs_exist_ok=True)
+    files = {}
+    for name in manifest["graphs"].values():
+        files[name] = {"sha256": file_sha256(dst / name), "bytes": (dst / name).stat().st_size}
+    manifest.update({
+        "manifest_version": MANIFEST_VERSION,
+        "precision": precision,
+        "kv_dtype": PRECISIONS[precision],
+        "io": {role: _io_specs(dst / name) for role, name in manifest["graphs"].items()},
+        "files": files,
+        "source": {"fingerprint": source["model"]["fingerprint"], "precision": source.get("precision", "fp32"),
+                   "folder": str(src.resolve()),
+                   "files": {name: meta["sha256"] for name, meta in source["files"].items()}},
+        "conversion": conversion,
+        "versions": package_versions(),
+    })
+    write_manifest(dst, manifest)
+    read_manifest(dst)  # what the runtime will check
+    return manifest
+
+
+# ---- fp16 ------------------------------------------------------------------------------------
+
+def fp16_graph(model: onnx.ModelProto, role: str, op_block_list=FP16_OP_BLOCK) -> tuple[onnx.ModelProto, dict]:
+    """One graph in float16 with its K/V tensors float16 and its other inputs/outputs unchanged."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    _name_nodes(model)
+    kv_names = set(KV_OUTPUTS.get(role, ())) | {i.name for i in model.graph.input if i.name.startswith("past_")}
+    keep = [v.name for v in [*model.graph.input, *model.graph.output] if v.name not in kv_names]
+    scoring = scoring_path_nodes(model)
+    norms = norm_nodes(model)
+    blocked = sorted(set(scoring) | set(norms))
+    converted = convert_float_to_float16(model, keep_io_types=keep, op_block_list=list(op_block_list),
+                                         node_block_list=blocked)
+    removed = remove_cast_round_trips(converted)
+    topological_sort(converted.graph)
+    # the converter leaves value_info entries for initializers (float16 even for the weights that stay
+    # fp32) and for the tensors removed above: drop those, keep the rest (the static shapes of a
+    # decode graph traced with a symbolic slot count live there)
+    graph = converted.graph
+    drop = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    used = {name for node in graph.node for name in (*node.input, *node.output)}
+    kept = [v for v in graph.value_info if v.name not in drop and v.name in used]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    kv = sorted(name for name in kv_names if not name.startswith("past_"))
+    if any(name.startswith("past_") for name in kv_names):
+        kv += ["past_key_<i>", "past_value_<i>"]
+    return converted, {"fp32_scoring_nodes": len(scoring), "fp32_norm_nodes": len(norms),
+                       "cast_round_trips_removed": removed, "kv_float16": kv}
+
+
+def convert_fp16(src: str | Path, dst: str | Path, force: bool = False, op_block_list=FP16_OP_BLOCK,
+                 progress: Callable[[str], None] = lambda message: None) -> dict:
+    src, dst = Path(src), Path(dst)
+    manifest = _prepare(src, dst, force)
+    conversion = {"tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+                  "op_block_list": list(op_block_list), "graphs": {}}
+    for role, name in manifest["graphs"].items():
+        progress(f"fp16: converting {role} graph")
+        start = time.perf_counter()
+        converted, info = fp16_graph(onnx.load(str(src / name)), role, op_block_list)
+        onnx.save(converted, str(dst / name))
+        conversion["graphs"][role] = {**info, "seconds": round(time.perf_counter() - start, 2)}
+    return _finish(src, dst, manifest, "fp16", conversion)
+
+
+# ---- int8 ------------------------------------------------------------------------------------
+
+def int8_options(flavour: str) -> dict:
+    """quantize_static arguments of a flavour."""
+    from onnxruntime.quantization import QuantType
+
+    if flavour == "u8s8":
+        # reduce_range: 7-bit weights, so x86 CPUs without VNNI (AVX2's VPMADDUBSW) cannot saturate
+        return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": True,
+                "extra_options": {"MatMulConstBOnly": True, "WeightSymmetric": True,
+                                  "ActivationSymmetric": False}}
+    if flavour == "s8s8":
+        return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": False,
+                "extra_options": {"MatMulConstBOnly": True, "WeightSymmetric": True,
+                                  "ActivationSymmetric": True}}
+    raise PrecisionError(f"--int8-flavour must be one of {', '.join(INT8_FLAVOURS)}, got {flavour!r}")
+
+
+def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
+    """{node name: activation input} of the MatMul/Gemm nodes with a constant weight."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in constants:
+            found[node.name] = node.input[0]
+    return found
+
+
+def calibrate_ranges(model_path: Path, reader, cache: Path | None):
+    """onnxruntime's MinMax ranges of every MatMul/Gemm input and output (TensorsData), from the
+    cache file when present (saved there otherwise)."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        create_calibrator,
+        load_tensors_data,
+        save_tensors_data,
+    )
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
+    if cache is not None and cache.is_file():
+        return load_tensors_data(cache)
+    with tempfile.TemporaryDirectory(prefix="cspkv-calib-") as tmp:
+        inferred = Path(tmp) / "model.onnx"
+        onnx.save(load_model_with_shape_infer(Path(model_path)), str(inferred))
+        calibrator = create_calibrator(inferred, ["MatMul", "Gemm"],
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax, extra_options={})
+        reader.rewind()
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        del calibrator
+    if cache is not None:
+        save_tensors_data(ranges, cache)
+    return ranges
+
+
+def outlier_matmuls(model: onnx.ModelProto, ranges, limit: float = INT8_OUTLIER_LIMIT) -> dict[str, float]:
+    """{node: calibrated max |input|} of the weight MatMuls whose activation exceeds ``limit``."""
+    found = {}
+    for node, activation in weight_matmuls(model).items():
+        if activation in ranges.data:
+            low, high = ranges.data[activation].range_value
+            peak = float(max(np.abs(np.asarray(low, dtype=np.float64)).max(), np.abs(np.asarray(high, dtype=np.float64)).max()))
+            if peak > limit:
+                found[node] = round(peak, 2)
+    return found
+
+
+def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, force: bool = False,
+                  exclude_modules=INT8_EXCLUDE_MODULES, nodes_to_exclude=(), per_channel: bool = True,
+                  outlier_limit: float | None = INT8_OUTLIER_LIMIT, roles=("vision", "prefill", "decode"),
+                  progress: Callable[[str], None] = lambda message: None) -> dict:
+    """QDQ INT8 of the weight MatMuls of each graph in ``roles`` (the others are copied as fp32),
+    calibrated with ``calibration`` (a :class:`cspkv.calibration.CalibrationSet`). Kept fp32: the
+    MatMuls of ``exclude_modules``, ``nodes_to_exclude``, and those whose calibrated input exceeds
+    ``outlier_limit`` (None: none)."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    options = int8_options(flavour)
+    src, dst = Path(src), Path(dst)
+    manifest = _prepare(src, dst, force)
+    precision = f"int8-{flavour}"
+    conversion = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                  "op_types": ["MatMul", "Gemm"], "weights_only_matmuls": True, "per_channel": per_channel,
+                  "reduce_range": options["reduce_range"],
+                  "activation_type": options["activation_type"].name, "weight_type": options["weight_type"].name,
+                  "extra_options": options["extra_options"], "calibrate_method": "MinMax",
+                  "exclude_modules": list(exclude_modules), "outlier_limit": outlier_limit,
+                  "calibration": calibration.meta, "graphs": {}}
+    with tempfile.TemporaryDirectory(prefix="cspkv-ranges-") as scratch:
+        # pass 1: ranges and outliers of every graph; prefill and decode share the decoder's weights, so
+        # a module kept fp32 in one (prefill sees the prompt tokens that carry the massive activations,
+        # decode's few calibration steps may not) is kept fp32 in both
+        plans = {}
+        for role, name in manifest["graphs"].items():
+            if role not in roles:
+                continue
+            progress(f"int8 ({flavour}): calibrating {role} graph")
+            start = time.perf_counter()
+            model = onnx.load(str(src / name))
+            reader = calibration.reader(role, manifest)
+            cache = calibration.ranges_cache(role, manifest["files"][name]["sha256"]) or Path(scratch) / f"{role}.json"
+            ranges = calibrate_ranges(src / name, reader, cache)
+            outliers = outlier_matmuls(model, ranges, outlier_limit) if outlier_limit is not None else {}
+            modules = {n.name: _module_of(n) for n in model.graph.node}
+            plans[role] = (model, reader, cache, outliers, modules, time.perf_counter() - start)
+        shared = {plans[r][4].get(n) for r in ("prefill", "decode") if r in plans for n in plans[r][3]} - {"", None}
+        # pass 2: quantize
+        for role, name in manifest["graphs"].items():
+            if role not in plans:
+                shutil.copy2(src / name, dst / name)
+                conversion["graphs"][role] = {"quantized": False}
+                continue
+            progress(f"int8 ({flavour}): quantizing {role} graph")
+            start = time.perf_counter()
+            model, reader, cache, outliers, modules, seconds = plans[role]
+            followed = set(module_nodes(model, sorted(shared))) if role in ("prefill", "decode") else set()
+            excluded = sorted(set(module_nodes(model, exclude_modules)) | set(nodes_to_exclude) | set(outliers)
+                              | followed)
+            quantize_static(str(src / name), str(dst / name), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+                            reduce_range=options["reduce_range"], activation_type=options["activation_type"],
+                            weight_type=options["weight_type"], nodes_to_exclude=excluded,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options=dict(options["extra_options"]), calibration_cache_path=cache)
+            quantized = sum(1 for node in onnx.load(str(dst / name)).graph.node if node.op_type == "DequantizeLinear")
+            conversion["graphs"][role] = {
+                "quantized": True, "weight_matmuls": len(weight_matmuls(model)), "excluded_nodes": excluded,
+                "outliers_fp32": {modules.get(n) or n: peak for n, peak in outliers.items()},
+                "fp32_modules": sorted({modules.get(n) or n for n in excluded}),
+                "feeds": len(reader), "dequantize_nodes": quantized,
+                "seconds": round(seconds + time.perf_counter() - start, 2)}
+    return _finish(src, dst, manifest, precision, conversion)
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+def resolve_calibration(src: str | Path, calibration="auto", progress=lambda message: None):
+    """A CalibrationSet from 'auto' (built-in prompts, cached), a saved set's folder, or a set."""
+    from cspkv.calibration import CalibrationSet, build_calibration_set
+
+    if isinstance(calibration, CalibrationSet):
+        return calibration
+    if calibration in (None, "auto"):
+        return build_calibration_set(src, "auto", progress=progress)
+    return CalibrationSet.load(calibration)
+
+
+def convert_export(src: str | Path, dst: str | Path, precision: str, flavour: str = "u8s8", calibration="auto",
+                   force: bool = False, progress: Callable[[str], None] = lambda message: None) -> dict:
+    """``precision``: fp16 | int8 (with ``flavour`` u8s8 | s8s8) | int8-u8s8 | int8-s8s8."""
+    if precision.startswith("int8-"):
+        precision, flavour = "int8", precision[5:]
+    if precision == "fp16":
+        return convert_fp16(src, dst, force=force, progress=progress)
+    if precision == "int8":
+        int8_options(flavour)  # a bad flavour fails before calibration
+        try:
+            source = read_manifest(src)
+        except ManifestError as exc:
+            raise PrecisionError(str(exc)) from None
+        if source.get("precision", "fp32") != "fp32":
+            raise PrecisionError(f"{src} is a {source['precision']} export: convert from the fp32 export")
+        data = resolve_calibration(src, calibration, progress)
+        return quantize_int8(src, dst, flavour, data, force=force, progress=progress)
+    raise PrecisionError(f"precision must be one of fp16, int8, int8-u8s8, int8-s8s8 (fp32 is the export "
+                         f"itself), got {precision!r}")

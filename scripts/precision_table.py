@@ -1,0 +1,222 @@
+"""Accuracy, decode latency and size of an export at each KV budget and precision (ONNX Runtime, CPU).
+
+    python scripts/precision_table.py                       # default model, budgets 1.0/0.5/0.2
+    python scripts/precision_table.py --model tiny --n-per-task 2 --max-prompt 256 --out /tmp/p.json
+
+For every budget: export fp32 once (reused from --work when the plan matches), convert it to each
+precision (fp16, int8-u8s8, int8-s8s8; calibrated on the easy-VQA TRAIN split, cached), then run the
+easy-VQA benchmark's TEST prompts through OnnxPipeline and score them with easyvqa_tasks.score.
+Prompt selection: for each task, the first --n-per-task prompts of test_samples(task) whose token
+count is <= --max-prompt (the same prompts for every budget and precision; the chosen sample ids are in
+the JSON). The tiny model has no benchmark: its rows give agreement with fp32 only (synthetic prompts).
+
+Reported per (budget, precision): accuracy (mean score: MC accuracy, ROUGE-L for describe), agreement
+with fp32 (same first generated token -- the answer letter of a multiple-choice prompt -- and
+identical generated tokens), median per-step decode latency, median TTFT, graph bytes, and
+KV buffer bytes. Prints a Markdown table and writes JSON (after every row, so --resume continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRECISIONS = ("fp32", "fp16", "int8-u8s8", "int8-s8s8")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def fp32_export(model_name, budget, args, work: Path) -> Path:
+    from cspkv.export.exporter import ExportPlan, export_model
+    from cspkv.export.manifest import ManifestError, read_manifest
+    from cspkv.models.registry import load_model
+
+    folder = work / f"budget-{budget}-fp32"
+    try:
+        plan = read_manifest(folder, verify_hashes=False)["plan"]
+        if (plan["budget"], plan["max_prompt"], plan["decode_slots"]) == (budget, args.max_prompt, args.decode_slots):
+            log(f"reusing {folder}")
+            return folder
+    except ManifestError:
+        pass
+    if not hasattr(fp32_export, "model"):
+        fp32_export.model = load_model(model_name)
+    net, processor, model_id = fp32_export.model
+    plan = ExportPlan.make(net, "csp", {}, budget, args.max_prompt, args.decode_slots, 0.0)
+    start = time.perf_counter()
+    export_model(net, folder, plan, model_id, force=True, processor=processor, progress=log)
+    log(f"exported {folder} in {time.perf_counter() - start:.0f} s")
+    return folder
+
+
+def converted(fp32: Path, precision: str, work: Path) -> Path:
+    from cspkv.engines.precision import convert_export
+    from cspkv.export.manifest import ManifestError, read_manifest
+
+    if precision == "fp32":
+        return fp32
+    folder = work / fp32.name.replace("-fp32", f"-{precision}")
+    source = read_manifest(fp32, verify_hashes=False)
+    try:
+        manifest = read_manifest(folder, verify_hashes=False)
+        if manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
+            log(f"reusing {folder}")
+            return folder
+    except (ManifestError, KeyError):
+        pass
+    start = time.perf_counter()
+    convert_export(fp32, folder, precision, force=True, progress=log)
+    log(f"converted {folder} in {time.perf_counter() - start:.0f} s")
+    return folder
+
+
+def benchmark_prompts(model_name: str, args, fp32: Path):
+    """[(id, input_ids, pixel_values, sample or None)]: easy-VQA TEST prompts that fit, or tiny ones."""
+    if model_name == "tiny":
+        from cspkv.models.tiny import multi_image_prompt
+
+        prompts = []
+        for i in range(args.n_per_task * 6):
+            ids, pixels = multi_image_prompt(1 + i % 6, seed=1000 + i)
+            if ids.shape[1] <= args.max_prompt:
+                prompts.append((f"tiny-{i}", ids[0].numpy(), pixels.numpy(), None))
+        return prompts, None
+    from cspkv.evaluation import easyvqa_tasks as tasks
+    from cspkv.export.exporter import load_processor
+    from cspkv.export.manifest import read_manifest
+
+    processor = load_processor(fp32, read_manifest(fp32, verify_hashes=False))
+    prompts = []
+    for task in tasks.TASKS:
+        kept = 0
+        for sample in tasks.test_samples(task):
+            inputs = tasks.build_prompt(sample, processor)
+            ids = inputs["input_ids"][0].numpy()
+            if len(ids) > args.max_prompt:
+                continue
+            prompts.append((sample.sample_id, ids, inputs["pixel_values"].numpy(), sample))
+            kept += 1
+            if kept == args.n_per_task:
+                break
+    return prompts, processor
+
+
+def run_rows(folder: Path, prompts, processor, args) -> dict:
+    from cspkv.evaluation import easyvqa_tasks as tasks
+    from cspkv.export.manifest import read_manifest
+    from cspkv.runtime.pipeline import OnnxPipeline
+    from cspkv.engines.onnx_runtime import OrtEngine
+
+    pipeline = OnnxPipeline(OrtEngine(folder, threads=args.threads))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    steps, ttfts, items = [], [], []
+    for prompt_id, ids, pixels, sample in prompts:
+        result = pipeline.generate(ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                                   keep_logits=False)
+        steps += result.step_s
+        ttfts.append(result.ttft_s)
+        text = tokenizer.decode(result.tokens, skip_special_tokens=True) if tokenizer is not None else None
+        item = {"id": prompt_id, "tokens": result.tokens, "prompt_tokens": len(ids), "text": text}
+        if sample is not None:
+            item["task"] = sample.task
+            item["score"] = tasks.score(sample, text)
+        items.append(item)
+    manifest = read_manifest(folder, verify_hashes=False)
+    scores = [i["score"] for i in items if "score" in i]
+    return {"precision": manifest.get("precision", "fp32"), "kv_dtype": manifest.get("kv_dtype", "float32"),
+            "accuracy": float(np.mean(scores)) if scores else None,
+            "decode_ms_median": 1e3 * statistics.median(steps) if steps else None,
+            "decode_steps": len(steps), "ttft_s_median": statistics.median(ttfts),
+            "graph_bytes": sum(m["bytes"] for m in manifest["files"].values()),
+            "graph_bytes_each": {n: m["bytes"] for n, m in manifest["files"].items()},
+            "kv_buffer_bytes": pipeline.buffer.nbytes, "items": items}
+
+
+def agreement(row, rows) -> tuple[float | None, float | None]:
+    """(first generated token, all generated tokens) identical to the fp32 row of the same budget."""
+    reference = next((r for r in rows if r["budget"] == row["budget"] and r["precision"] == "fp32"), None)
+    if reference is None or reference is row:
+        return None, None
+    pairs = list(zip(row["items"], reference["items"]))
+    first = float(np.mean([a["tokens"][:1] == b["tokens"][:1] for a, b in pairs]))
+    return first, float(np.mean([a["tokens"] == b["tokens"] for a, b in pairs]))
+
+
+def table(rows) -> str:
+    lines = ["| budget | precision | accuracy | 1st token = fp32 | all tokens = fp32 | decode ms/step (median) "
+             "| TTFT s (median) | graphs MiB | KV buffer MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        first, every = agreement(row, rows)
+        first = "n/a" if first is None else f"{first:.2f}"
+        every = "n/a" if every is None else f"{every:.2f}"
+        lines.append(f"| {row['budget']} | {row['precision']} | {accuracy} | {first} | {every} | {row['decode_ms_median']:.1f} "
+                     f"| {row['ttft_s_median']:.2f} | {row['graph_bytes'] / 2**20:.1f} "
+                     f"| {row['kv_buffer_bytes'] / 2**20:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", choices=["default", "tiny"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--n-per-task", type=int, default=2, help="test prompts per task (6 tasks)")
+    parser.add_argument("--max-prompt", type=int, default=1536, help="export P_max; longer prompts are skipped")
+    parser.add_argument("--decode-slots", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--work", type=Path, default=None, help="export folders (default ~/.cache/cspkv/precision-table/MODEL)")
+    parser.add_argument("--out", type=Path, default=Path("results/precision.json"))
+    parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
+    args = parser.parse_args(argv)
+    if "fp32" not in args.precisions:
+        args.precisions = ["fp32", *args.precisions]   # the agreement column needs it
+    work = args.work or Path.home() / ".cache" / "cspkv" / "precision-table" / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else {}
+    rows = list(previous.get("rows", []))
+    done = {(r["budget"], r["precision"]) for r in rows}
+    started = time.perf_counter()
+    prompts = processor = None
+    for budget in args.budgets:
+        fp32 = fp32_export(args.model, budget, args, work)
+        if prompts is None:
+            prompts, processor = benchmark_prompts(args.model, args, fp32)
+            log(f"{len(prompts)} prompts, {min(len(p[1]) for p in prompts)}-{max(len(p[1]) for p in prompts)} tokens")
+        for precision in args.precisions:
+            if (budget, precision) in done:
+                continue
+            folder = converted(fp32, precision, work)
+            start = time.perf_counter()
+            row = {"budget": budget, **run_rows(folder, prompts, processor, args)}
+            row["first_token_agreement"], row["agreement"] = agreement(row, rows)
+            row["eval_seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            log(f"budget {budget} {precision}: accuracy {row['accuracy']}, decode {row['decode_ms_median']:.1f} ms/step "
+                f"({row['eval_seconds']} s)")
+            payload = {"model": args.model, "selection": {
+                "prompts": "easy-VQA test_samples(task) in order, first N per task with <= max_prompt tokens"
+                           if args.model != "tiny" else "tiny synthetic multi_image_prompt",
+                "n_per_task": args.n_per_task, "max_prompt": args.max_prompt, "ids": [p[0] for p in prompts]},
+                "settings": {"decode_slots": args.decode_slots, "max_new_tokens": args.max_new_tokens,
+                             "threads": args.threads, "runtime": "onnxruntime CPUExecutionProvider"},
+                "rows": rows, "seconds": round(time.perf_counter() - started, 1) + previous.get("seconds", 0)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(table(rows))
+    print(f"\n{len(prompts)} prompts ({args.n_per_task} per task, <= {args.max_prompt} tokens); JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

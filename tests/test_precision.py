@@ -1,0 +1,325 @@
+"""FP16 / INT8 conversions of an fp32 export (cspkv.engines.precision), their calibration data
+(cspkv.calibration) and the runtime's kv_dtype, on the tiny GQA model's export (conftest)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from cspkv.calibration import (
+    HOW_TO,
+    CalibrationError,
+    CalibrationSettings,
+    FeedReader,
+    build_calibration_set,
+    cache_key,
+    tiny_prompts,
+    train_prompts,
+)
+from cspkv.engines.onnx_runtime import OrtEngine
+from cspkv.engines.precision import PrecisionError, convert_export, scoring_path_nodes
+from cspkv.export.manifest import ManifestError, read_manifest
+from cspkv.models.tiny import multi_image_prompt
+from cspkv.runtime.pipeline import OnnxPipeline
+
+# Tolerances on the tiny model (logits of magnitude ~0.5), prefill logits and one decode step fed the
+# same fp32 cache. fp16 measured ~4e-4; int8 measured ~0.05-0.07 max abs, cosine > 0.99.
+FP16_ATOL = 3e-3
+INT8_MIN_COSINE = 0.98
+INT8_MAX_REL = 0.25   # max |d logit| / max |logit|
+
+
+@pytest.fixture(scope="module")
+def calib_cache(tmp_path_factory):
+    """Calibration sets go to a temporary cache, never to ~/.cache (restored afterwards)."""
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("cspkv-cache")
+    mp.setenv("CSPKV_CACHE_DIR", str(cache))
+    yield cache
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def fp32(exports):
+    return exports("gqa", "csp", 0.5)
+
+
+@pytest.fixture(scope="module")
+def converted(fp32, calib_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    folders = {}
+    for precision in ("fp16", "int8-u8s8", "int8-s8s8"):
+        folders[precision] = root / precision
+        convert_export(fp32, folders[precision], precision)
+    return folders
+
+
+def prefill_and_step(engine: OrtEngine, ids, pixels, fp32_out=None):
+    """Prefill logits, and one decode step's logits fed ``fp32_out``'s cache (teacher forcing)."""
+    modality = (ids == engine.manifest["model"]["image_token_id"]).astype(np.int64)
+    features = engine.image_features(pixels).reshape(-1, engine.hidden_size)
+    out = engine.prefill(ids, modality, features)
+    source = fp32_out or out
+    kv = source["kv"].astype(np.float32)
+    bias = np.where(source["slot_valid"][:, None] > 0, 0.0, -np.inf).astype(np.float32)
+    token = int(source["logits"][0].argmax())
+    step = engine.decode(token, len(ids), kv, bias)
+    return out, step[0][0]
+
+
+def cosine(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+# --- fp16 --------------------------------------------------------------------------------------------
+
+def test_fp16_folder_has_float16_kv_and_fp32_io_elsewhere(fp32, converted):
+    manifest = read_manifest(converted["fp16"])
+    source = read_manifest(fp32)
+    assert manifest["precision"] == "fp16" and manifest["kv_dtype"] == "float16"
+    assert manifest["source"]["fingerprint"] == source["model"]["fingerprint"]
+    assert manifest["manifest_version"] == source["manifest_version"]
+    for name in ("prefill.onnx", "decode.onnx", "vision.onnx"):               # weights halve (the tiny
+        assert manifest["files"][name]["bytes"] < 0.9 * source["files"][name]["bytes"]  # model is mostly graph)
+    io = manifest["io"]
+    assert io["prefill"]["outputs"]["kv"]["dtype"] == "float16"
+    assert io["decode"]["outputs"]["new_kv"]["dtype"] == "float16"
+    for name, spec in io["decode"]["inputs"].items():
+        assert spec["dtype"] == ("float16" if name.startswith("past_") else source["io"]["decode"]["inputs"][name]["dtype"])
+    from cspkv.export.readiness import check_graph
+
+    for role in ("vision", "prefill", "decode"):                       # still TensorRT-importable,
+        report = check_graph(converted["fp16"] / f"{role}.onnx")        # topologically sorted, typed
+        assert report.ok, report.problems
+        onnx.checker.check_model(onnx.load(str(converted["fp16"] / f"{role}.onnx")), full_check=True)
+        for kind in ("inputs", "outputs"):
+            for name, spec in io[role][kind].items():
+                if name not in ("kv", "new_kv") and not name.startswith("past_"):
+                    assert spec == source["io"][role][kind][name], (role, name)
+
+
+def test_fp16_keeps_the_pruning_scores_and_top_k_in_fp32(fp32, converted):
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(converted["fp16"] / "prefill.onnx")))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    topk = [n for n in graph.node if n.op_type == "TopK"]
+    assert topk and all(types[n.input[0]] in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) for n in topk)
+    # the scoring path's exp/reductions (n-softmax statistics) read float32
+    blocked = set(scoring_path_nodes(onnx.load(str(fp32 / "prefill.onnx"))))
+    stats = [n for n in graph.node if n.name in blocked and n.op_type in ("Exp", "ReduceMax", "ReduceSum")]
+    assert all(types[n.input[0]] != onnx.TensorProto.FLOAT16 for n in stats)   # float32 (or integer counts)
+    assert sum(types[n.input[0]] == onnx.TensorProto.FLOAT for n in stats) >= 3 * 2      # per layer: max, exp, sums
+    # and the transformer's MatMuls really are float16
+    matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.name not in blocked]
+    assert matmuls and all(types[n.input[0]] == onnx.TensorProto.FLOAT16 for n in matmuls)
+
+
+def test_fp16_logits_close_to_fp32_and_kv_buffer_is_float16(fp32, converted):
+    base, half = OrtEngine(fp32), OrtEngine(converted["fp16"])
+    ids, pixels = multi_image_prompt(8, seed=5)
+    ids, pixels = ids[0].numpy(), pixels.numpy()
+    ref_out, ref_step = prefill_and_step(base, ids, pixels)
+    out, step = prefill_and_step(half, ids, pixels, ref_out)
+    assert out["kv"].dtype == np.float16
+    assert np.abs(out["logits"] - ref_out["logits"]).max() < FP16_ATOL
+    assert np.abs(step - ref_step).max() < FP16_ATOL
+    pipeline, pipeline32 = OnnxPipeline(converted["fp16"]), OnnxPipeline(fp32)
+    assert pipeline.buffer.dtype == np.float16 and pipeline.buffer.kv.dtype == np.float16
+    assert pipeline.buffer.nbytes * 2 == pipeline32.buffer.nbytes
+    result = pipeline.generate(ids, pixels, max_new_tokens=20)      # ring overflow included
+    assert len(result.tokens) == 20 and result.kv_bytes == pipeline.buffer.nbytes
+    assert np.abs(result.logits[0] - ref_out["logits"][0]).max() < FP16_ATOL
+    kv_view = pipeline.buffer.kv.reshape(pipeline.layers, 2, 1, pipeline.heads, pipeline.n_slots, pipeline.head_dim)
+    assert [v.data_ptr() for v in pipeline._kv_values][:2] == [kv_view[0, 0].ctypes.data, kv_view[0, 1].ctypes.data]
+
+
+# --- int8 --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour", ["u8s8", "s8s8"])
+def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, flavour):
+    folder = converted[f"int8-{flavour}"]
+    manifest = read_manifest(folder)
+    assert manifest["precision"] == f"int8-{flavour}" and manifest["kv_dtype"] == "float32"
+    assert manifest["io"] == read_manifest(fp32)["io"]                  # same I/O, K/V float32
+    graph = onnx.load(str(folder / "prefill.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    quant = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert quant
+    zero_types = {inits[n.input[2]].data_type for n in quant}
+    assert zero_types == {onnx.TensorProto.UINT8 if flavour == "u8s8" else onnx.TensorProto.INT8}
+    if flavour == "s8s8":                                               # symmetric: zero points are 0
+        assert all(not np.any(onnx.numpy_helper.to_array(inits[n.input[2]])) for n in quant)
+    producers = {o: n for n in graph.node for o in n.output}
+    dq_matmuls = [n for n in graph.node if n.op_type == "MatMul"
+                  and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
+    plain = [n for n in graph.node if n.op_type == "MatMul" and n not in dq_matmuls]
+    assert dq_matmuls and plain                       # attention / scoring MatMuls are not quantized
+    lm_head = [n for n in plain if n.name in manifest["conversion"]["graphs"]["prefill"]["excluded_nodes"]]
+    assert len(lm_head) == 1                          # lm_head stays fp32
+    if flavour == "s8s8":                             # what TensorRT's explicit quantization imports
+        from cspkv.export.readiness import check_graph
+
+        assert all(check_graph(folder / f"{role}.onnx").ok for role in ("vision", "prefill", "decode"))
+
+    base, quantized = OrtEngine(fp32), OrtEngine(folder)
+    ids, pixels = multi_image_prompt(8, seed=5)
+    ids, pixels = ids[0].numpy(), pixels.numpy()
+    ref_out, ref_step = prefill_and_step(base, ids, pixels)
+    out, step = prefill_and_step(quantized, ids, pixels, ref_out)
+    for got, want in ((out["logits"][0], ref_out["logits"][0]), (step, ref_step)):
+        assert cosine(got, want) > INT8_MIN_COSINE
+        assert np.abs(got - want).max() < INT8_MAX_REL * np.abs(want).max()
+    result = OnnxPipeline(folder).generate(ids, pixels, max_new_tokens=8)
+    assert len(result.tokens) == 8
+
+
+# --- calibration ---------------------------------------------------------------------------------------
+
+def test_calibration_reader_yields_each_graphs_inputs(fp32, calib_cache):
+    import onnxruntime as ort
+
+    manifest = read_manifest(fp32)
+    calib = build_calibration_set(fp32)
+    assert calib.meta["settings"]["source"] == "tiny-synthetic"
+    assert 0 < len(calib.feeds["decode"]) <= calib.meta["settings"]["decode_feeds"]
+    for role in ("vision", "prefill", "decode"):
+        session = ort.InferenceSession(str(fp32 / f"{role}.onnx"), providers=["CPUExecutionProvider"])
+        reader = calib.reader(role, manifest)
+        feeds = list(iter(reader.get_next, None))
+        assert len(feeds) == len(reader) > 0
+        for feed in feeds:
+            assert list(feed) == [i.name for i in session.get_inputs()]
+            for spec in session.get_inputs():
+                assert list(feed[spec.name].shape) == spec.shape
+        reader.rewind()
+        assert reader.get_next() is feeds[0]
+        session.run(None, feeds[-1])                                   # a real, runnable feed
+    prefill = calib.feeds["prefill"][0]
+    assert 0 < int(prefill["valid_length"][0]) <= manifest["plan"]["max_prompt"]
+    bad = {**prefill, "valid_length": prefill["valid_length"].astype(np.int32)}
+    with pytest.raises(CalibrationError, match="valid_length"):
+        FeedReader([bad], manifest["io"]["prefill"]["inputs"], "prefill")
+
+
+def test_calibration_set_is_cached_by_export_and_settings(fp32, calib_cache, monkeypatch):
+    first = build_calibration_set(fp32)
+    manifest = read_manifest(fp32)
+    key = cache_key(manifest, CalibrationSettings("tiny-synthetic", 8, 3, 4))
+    assert (calib_cache / "calibration" / key / "meta.json").is_file()
+    assert key != cache_key(manifest, CalibrationSettings("tiny-synthetic", 9, 3, 4))
+    import cspkv.calibration.data as data
+
+    monkeypatch.setattr(data, "record_calibration_set", lambda *a, **k: pytest.fail("should come from the cache"))
+    again = build_calibration_set(fp32)
+    assert again.meta["prompts"] == first.meta["prompts"]
+    np.testing.assert_array_equal(again.feeds["decode"][0]["past_key_0"], first.feeds["decode"][0]["past_key_0"])
+
+
+def test_calibration_prompts_come_from_the_training_split_only(monkeypatch):
+    from cspkv.evaluation import easyvqa_tasks as tasks
+
+    seen_splits = []
+    real_labels = tasks.load_labels
+
+    def spy_labels(split):
+        seen_splits.append(split)
+        if split != "train":
+            raise AssertionError("calibration touched the test split")
+        return real_labels(split)
+
+    built = []
+
+    def fake_build_prompt(sample, processor, system=None, images=None):   # no images, no tokenizer
+        built.append(sample)
+        n = 40 * sample.n_images + 30
+        return {"input_ids": np.ones((1, n), np.int64), "pixel_values": np.zeros((sample.n_images, 3, 4, 4))}
+
+    monkeypatch.setattr(tasks, "load_labels", spy_labels)
+    monkeypatch.setattr(tasks, "build_prompt", fake_build_prompt)
+    monkeypatch.setattr(tasks, "load_image", lambda *a, **k: pytest.fail("no image is needed here"))
+    prompts = train_prompts(processor=None, n_prompts=8, max_prompt=200)
+    assert len(prompts) == 8 and all(len(p.input_ids) <= 200 for p in prompts)
+    assert set(seen_splits) == {"train"}
+    assert built and all(s.split == "train" and s.sample_id.startswith("train-") for s in built)
+    assert all(p.source.startswith("easyvqa-train:train-") for p in prompts)
+    assert len({s.task for s in built}) > 1
+    with pytest.raises(CalibrationError, match="training split only"):
+        train_prompts(processor=None, n_prompts=1, max_prompt=200, split="test")
+    assert set(seen_splits) == {"train"}
+
+
+def test_tiny_prompts_fit_the_export():
+    prompts = tiny_prompts(6, max_prompt=60)
+    assert all(len(p.input_ids) <= 60 and (p.input_ids == 99).sum() == 16 * len(p.pixel_values) for p in prompts)
+    with pytest.raises(CalibrationError, match="--max-prompt"):
+        tiny_prompts(1, max_prompt=10)
+
+
+# --- manifests, runtime and CLI -----------------------------------------------------------------------
+
+def _copy_with_manifest(src, dst, **changes):
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            manifest[key].update(value)
+        else:
+            manifest[key] = value
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_unknown_precision_and_mismatched_kv_dtype_are_refused(fp32, converted, tmp_path):
+    bad = _copy_with_manifest(fp32, tmp_path / "int4", precision="int4")
+    with pytest.raises(ManifestError, match="precision 'int4'.*fp32, fp16, int8-u8s8, int8-s8s8"):
+        OnnxPipeline(bad)
+    lying = _copy_with_manifest(converted["fp16"], tmp_path / "lying", kv_dtype="float32")
+    with pytest.raises(ManifestError, match="kv_dtype float32 but decode.onnx takes float16"):
+        OrtEngine(lying)
+    with pytest.raises(PrecisionError, match="fp16 export"):
+        convert_export(converted["fp16"], tmp_path / "again", "int8")
+
+
+def test_cli_converts_an_existing_export(fp32, tmp_path):
+    from cspkv.cli.export import main
+
+    out = tmp_path / "fp16"
+    result = CliRunner().invoke(main, ["--from", str(fp32), "--precision", "fp16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "precision fp16, K/V float16" in result.output
+    assert read_manifest(out)["precision"] == "fp16"
+
+
+def test_cli_int8_without_calibration_data_says_how_to_provide_it(fp32, tmp_path, calib_cache):
+    from cspkv.cli.export import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["--model", "llava", "--precision", "int8", "--out", str(tmp_path / "a")])
+    assert result.exit_code != 0 and "record_calibration_set" in result.output and "--calibration" in result.output
+    other = _copy_with_manifest(fp32, tmp_path / "other-model", model={"id": "/models/my-llava"})
+    result = runner.invoke(main, ["--from", str(other), "--precision", "int8", "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and HOW_TO.splitlines()[0][:60] in result.output
+    result = runner.invoke(main, ["--from", str(fp32), "--precision", "int8", "--calibration", str(tmp_path / "none"),
+                                  "--out", str(tmp_path / "c")])
+    assert result.exit_code != 0 and "no such folder" in result.output and "record_calibration_set" in result.output
+
+
+def test_cli_exports_fp32_then_converts_to_int8_with_built_in_calibration(tmp_path, calib_cache):
+    from cspkv.cli.export import main
+
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(main, ["--model", "tiny", "--max-prompt", "64", "--decode-slots", "4",
+                                       "--precision", "int8", "--int8-flavour", "s8s8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["precision"] == "int8-s8s8" and manifest["plan"]["max_prompt"] == 64
+    assert manifest["conversion"]["calibration"]["settings"]["source"] == "tiny-synthetic"
+    assert all(p.startswith("tiny-synthetic:") for p in manifest["conversion"]["calibration"]["prompts"])
+    ids, pixels = multi_image_prompt(2, seed=1)
+    assert len(OnnxPipeline(out).generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=3).tokens) == 3
