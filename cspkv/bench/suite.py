@@ -158,28 +158,27 @@ class Exports:
         graphs. Calibrating prefill at every prompt length takes ~20 min each here, so the bench
         quantizes the slot-symbolic decode graph once and fixes its slot count per plan; decode
         latency is what precision changes most, and the table says the prefill stayed fp32."""
-        import json as _json
-
         from cspkv.export.exporter import ExportPlan, export_model
         from cspkv.export.manifest import read_manifest, write_manifest
 
         manifest = read_manifest(fp32, verify_hashes=False)
         plan = ExportPlan(**manifest["plan"])
+        decode = self._int8_decode_dynamic()
         self.progress(f"building {target.name} (int8 decode graph)")
         export_model(self.model, target, plan, self.model_id, force=True, processor=self.processor,
                      reuse={"vision": fp32 / "vision.onnx", "prefill": fp32 / "prefill.onnx",
-                            "decode_dynamic": self._int8_decode_dynamic()})
+                            "decode_dynamic": decode})
         built = read_manifest(target)
         built["precision"] = "int8-u8s8"
         built["conversion"] = {"graphs_quantized": ["decode"], "note": "prefill and vision graphs fp32",
-                               **_json.loads(self._int8_meta.read_text())}
+                               **json.loads(decode.with_suffix(".json").read_text())}
         write_manifest(target, built)
 
     def _int8_decode_dynamic(self) -> Path:
         shared = self._shared_graphs()
         out = shared["decode_dynamic"].with_name("decode.dynamic.int8-u8s8.onnx")
-        self._int8_meta = out.with_suffix(".json")
-        if out.is_file() and self._int8_meta.is_file():
+        meta = out.with_suffix(".json")        # how it was quantized, recorded in each int8 manifest
+        if out.is_file() and meta.is_file():
             return out
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
@@ -202,7 +201,7 @@ class Exports:
                         reduce_range=options["reduce_range"], activation_type=options["activation_type"],
                         weight_type=options["weight_type"], nodes_to_exclude=excluded,
                         calibrate_method=CalibrationMethod.MinMax, extra_options=dict(options["extra_options"]))
-        self._int8_meta.write_text(json.dumps({"flavour": "u8s8", "excluded_fp32": len(excluded),
+        meta.write_text(json.dumps({"flavour": "u8s8", "excluded_fp32": len(excluded),
                                                "calibration": calibration.meta}, default=str))
         return out
 

@@ -14,14 +14,6 @@ DEMO_QUESTION = ("Question: Which image shows the blue circle?\nOptions:\nA. ima
                  "C. image 3\nD. image 4\nAnswer with the option's letter.")
 
 
-def _kv_bytes_per_slot(config) -> int:
-    """fp32 K and V bytes of one slot across every layer and KV head."""
-    from cspkv.models.static_llama import DecoderShape
-
-    shape = DecoderShape(config)
-    return shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * 4
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", type=click.Path(), default=None, help="Folder written by csp-export.")
 @click.option("--model", default=None, help="Run the PyTorch reference: default | tiny | llava | PATH.")
@@ -73,7 +65,9 @@ def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, po
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     elapsed = time.perf_counter() - start
-    per_slot = _kv_bytes_per_slot(net.config.text_config)
+    from cspkv.bench.runners import kv_bytes_per_token
+
+    per_slot = kv_bytes_per_token(net.config.text_config)
     full_bytes = (result.prompt_len + len(result.tokens)) * per_slot
     click.echo(answer)
     click.echo(f"[{model}] prompt {result.prompt_len} tokens | kept {result.kept_per_layer[0]} entries per layer "

@@ -246,15 +246,8 @@ class DeviceKVBuffer(KVBuffer):
         """The slot table of a prefill whose engine wrote K/V [layers, 2, 1, H, S, D] straight into
         this buffer (``kv_ptr``): entry j of (layer, head) in slot j, as load_prefill places it."""
         L, H, S = self.shape
-        c = np.shape(positions)[-1] if np.ndim(positions) == 3 else -1
-        if c < 0:
-            raise ValueError(f"positions must have shape ({L}, {H}, C), got {np.shape(positions)}")
-        positions = _numbers("positions", positions, np.int64, (L, H, c))
-        modality = _numbers("modality", modality, np.int8, (L, H, c))
-        n_valid = _numbers("n_valid", n_valid, np.int32, (L, H))
-        if scores is not None:
-            scores = _numbers("scores", scores, np.float32, (L, H, c))
-        prompt_len = _int("prompt_len", prompt_len, 0, _INT64.max)
+        c, positions, modality, n_valid, scores, prompt_len = self._prefill_tables(
+            positions, modality, n_valid, scores, prompt_len)
         nbytes = L * 2 * H * c * self.head_dim * self.dtype.itemsize
         self._hook_state.skip_caller_copies = True
         try:

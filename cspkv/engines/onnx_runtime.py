@@ -42,20 +42,8 @@ class OrtEngine:
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N, 3, H, W] float32 -> [N, T, hidden], run in the graph's static batch."""
-        pixel_values = np.asarray(pixel_values, dtype=np.float32)
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
-            raise ValueError(f"images must be pixel_values of shape [N, {', '.join(map(str, expected))}], "
-                             f"got {list(pixel_values.shape)}: resize them to {self.image_size}x{self.image_size}")
-        outputs = []
-        for start in range(0, len(pixel_values), self.vision_batch):
-            chunk = pixel_values[start:start + self.vision_batch]
-            missing = self.vision_batch - len(chunk)
-            if missing:
-                chunk = np.concatenate([chunk, np.zeros((missing, *expected), np.float32)])
-            features = self.sessions["vision"].run(None, {"pixel_values": chunk})[0]
-            outputs.append(features[: self.vision_batch - missing])
-        return np.concatenate(outputs)
+        return vision_in_batches(pixel_values, self.image_size, self.vision_batch,
+                                 lambda chunk: self.sessions["vision"].run(None, {"pixel_values": chunk})[0])
 
     def prefill(self, input_ids: np.ndarray, modality: np.ndarray, image_features: np.ndarray | None) -> dict:
         """Pad a prompt of L <= P_max tokens and run prefill; image features are placed at the
@@ -90,3 +78,21 @@ class OrtEngine:
             feed[f"past_key_{layer}"] = np.asarray(kv[layer, 0], dtype=self.kv_dtype)
             feed[f"past_value_{layer}"] = np.asarray(kv[layer, 1], dtype=self.kv_dtype)
         return self.sessions["decode"].run(None, feed)
+
+
+def vision_in_batches(pixel_values, image_size: int, batch: int, run) -> np.ndarray:
+    """Check [N, 3, H, W] pixel values and run ``run`` over chunks of the vision graph's static
+    batch (the last one zero-padded); [N, T, hidden]. Shared by every engine backend."""
+    pixel_values = np.asarray(pixel_values, dtype=np.float32)
+    expected = (3, image_size, image_size)
+    if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+        raise ValueError(f"images must be pixel_values of shape [N, {', '.join(map(str, expected))}], "
+                         f"got {list(pixel_values.shape)}: resize them to {image_size}x{image_size}")
+    outputs = []
+    for start in range(0, len(pixel_values), batch):
+        chunk = pixel_values[start:start + batch]
+        missing = batch - len(chunk)
+        if missing:
+            chunk = np.concatenate([chunk, np.zeros((missing, *expected), np.float32)])
+        outputs.append(run(chunk)[: batch - missing])
+    return np.concatenate(outputs)

@@ -331,20 +331,11 @@ class TrtEngine:
         return {name: ctx.buffers[name].download() for name in outputs}
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        pixel_values = np.asarray(pixel_values, dtype=np.float32)
-        expected = (3, self.image_size, self.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
-            raise ValueError(f"images must be pixel_values of shape [N, {', '.join(map(str, expected))}], "
-                             f"got {list(pixel_values.shape)}")
-        chunks = []
-        for start in range(0, len(pixel_values), self.vision_batch):
-            chunk = pixel_values[start:start + self.vision_batch]
-            missing = self.vision_batch - len(chunk)
-            if missing:
-                chunk = np.concatenate([chunk, np.zeros((missing, *expected), np.float32)])
-            features = self.execute("vision", {"pixel_values": chunk}, ["image_features"])["image_features"]
-            chunks.append(features[: self.vision_batch - missing])
-        return np.concatenate(chunks)
+        from cspkv.engines.onnx_runtime import vision_in_batches
+
+        return vision_in_batches(pixel_values, self.image_size, self.vision_batch,
+                                 lambda chunk: self.execute("vision", {"pixel_values": chunk},
+                                                            ["image_features"])["image_features"])
 
 
 class TrtPipeline:

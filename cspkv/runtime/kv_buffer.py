@@ -298,6 +298,19 @@ class KVBuffer:
         (int8), scores (float32, optional): [layers, kv_heads, C]; n_valid: [layers, kv_heads].
         """
         L, H, _ = self.shape
+        c, positions, modality, n_valid, scores, prompt_len = self._prefill_tables(
+            positions, modality, n_valid, scores, prompt_len)
+        kv = self._kv_array("kv", kv, (L, 2, H, c, self.head_dim))
+        status = self._lib.cspkv_load_prefill(
+            self._ptr(), c, kv.ctypes.data, kv.nbytes, positions.ctypes.data, modality.ctypes.data,
+            None if scores is None else scores.ctypes.data, positions.size, n_valid.ctypes.data,
+            n_valid.size, prompt_len)
+        _check(self._lib, "cspkv_load_prefill", status,
+               f"C={c}, usable slots={self.n_usable}, prompt_len={prompt_len}")
+
+    def _prefill_tables(self, positions, modality, n_valid, scores, prompt_len):
+        """Checked slot tables of a prefill: (C, positions, modality, n_valid, scores, prompt_len)."""
+        L, H, _ = self.shape
         c = np.shape(positions)[-1] if np.ndim(positions) == 3 else -1
         if c < 0:
             raise ValueError(f"positions must have shape ({L}, {H}, C), got {np.shape(positions)}")
@@ -306,14 +319,7 @@ class KVBuffer:
         n_valid = _numbers("n_valid", n_valid, np.int32, (L, H))
         if scores is not None:
             scores = _numbers("scores", scores, np.float32, (L, H, c))
-        kv = self._kv_array("kv", kv, (L, 2, H, c, self.head_dim))
-        prompt_len = _int("prompt_len", prompt_len, 0, _INT64.max)
-        status = self._lib.cspkv_load_prefill(
-            self._ptr(), c, kv.ctypes.data, kv.nbytes, positions.ctypes.data, modality.ctypes.data,
-            None if scores is None else scores.ctypes.data, positions.size, n_valid.ctypes.data,
-            n_valid.size, prompt_len)
-        _check(self._lib, "cspkv_load_prefill", status,
-               f"C={c}, usable slots={self.n_usable}, prompt_len={prompt_len}")
+        return c, positions, modality, n_valid, scores, _int("prompt_len", prompt_len, 0, _INT64.max)
 
     def choose_write_slots(self, position: int) -> np.ndarray:
         """int32 [layers, kv_heads]: the slot per head for the token at ``position``."""
