@@ -161,7 +161,17 @@ class LlavaReference:
             queries_all = module.q_proj  # projected lazily per chunk below
             _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
 
+            chunks: dict = {}  # CSP, SnapKV, LOOK-M and the mass share the same last-W-row chunks
+
             def window_logits(first_row: int, last_row: int) -> torch.Tensor:
+                if (first_row, last_row) in chunks:
+                    return chunks[first_row, last_row]
+                if first_row < length - mass_rows:  # H2O's rows before the window: used once
+                    return compute_logits(first_row, last_row)
+                chunks[first_row, last_row] = compute_logits(first_row, last_row)
+                return chunks[first_row, last_row]
+
+            def compute_logits(first_row: int, last_row: int) -> torch.Tensor:
                 h = hidden[:, first_row:last_row]
                 q = project_heads(queries_all, h, self.n_heads, self.head_dim)
                 q, _ = apply_rotary_pos_emb(q, q, cos[:, first_row:last_row], sin[:, first_row:last_row])
