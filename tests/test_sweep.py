@@ -55,6 +55,59 @@ def test_sweep_prefills_once_per_prompt_and_fills_every_cell(monkeypatch):
     assert "### t1" in table and "| csp | 1.000 | 1.000 | 1.000 |" in table
 
 
+def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_path):
+    model = tiny_llava(seed=2)
+    calls = []
+    original = LlavaReference.prefill
+    monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+
+    def item(task, seed):
+        ids, pixels = multi_image_prompt(2, seed=seed)
+        return sweep.EvalItem(task, str(seed), lambda blank: {"input_ids": ids, "pixel_values": pixels * 0 if blank else pixels},
+                              lambda reply: float(reply.startswith("1")), "1", "multi-choice")
+
+    items = [item("t1", 1), item("t1", 2), item("t2", 3)]
+    policies, budgets = ["full", "csp"], [1.0, 0.5]
+    records = tmp_path / "records.jsonl"
+    first = sweep.run_sweep(model, DigitTokenizer(), items[:2], policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 4 and len(records.read_text().splitlines()) == 2
+    calls.clear()
+    # The third item is new; the two recorded ones are not prefilled again.
+    resumed = sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 2
+    fresh = sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2)
+    assert resumed["scores"] == fresh["scores"] and resumed["baselines"] == fresh["baselines"]
+    assert resumed["scores"]["t1"] == first["scores"]["t1"]
+    assert resumed["sweep_seconds"] > 0
+    # A line cut short by a killed run is redone, not trusted; other budgets are not reused either.
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join(lines[:-1] + [lines[-1][: len(lines[-1]) // 2]]) + "\n")
+    calls.clear()
+    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 2
+    calls.clear()
+    sweep.run_sweep(model, DigitTokenizer(), items, policies, [0.2], max_new_tokens=2, records_path=records)
+    assert len(calls) == 2 * len(items)
+    # Records of other weights are never mixed in.
+    calls.clear()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 2 * len(items)
+
+
+def test_interleave_takes_tasks_round_robin_and_a_spent_time_budget_starts_nothing():
+    def item(task, i):
+        return sweep.EvalItem(task, str(i), lambda blank: {}, lambda reply: 0.0, "A", "multi-choice")
+
+    items = [item("a", 0), item("a", 1), item("a", 2), item("b", 0), item("c", 0), item("c", 1)]
+    order = [(i.task, i.sample_id) for i in sweep.interleave(items)]
+    assert order == [("a", "0"), ("b", "0"), ("c", "0"), ("a", "1"), ("c", "1"), ("a", "2")]
+    # build_inputs returns nothing a model could run: the budget must stop before the first prompt.
+    result = sweep.run_sweep(tiny_llava(seed=2), DigitTokenizer(), items, ["full"], [1.0], minutes=0.0)
+    assert result["prompts_per_task"] == {} and result["scores"] == {}
+
+
 def test_milebench_items_skip_bad_samples_and_score_with_milebench_rules(tmp_path):
     root = tmp_path / "MileBench"
     _write_task(root, missing_image=True)

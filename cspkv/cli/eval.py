@@ -13,8 +13,14 @@ import click
 @click.option("--milebench", type=click.Path(exists=True, file_okay=False), default=None,
               help="A MileBench data folder (official layout): evaluate its tasks instead of easy-vqa's.")
 @click.option("--out", type=click.Path(), default="results", show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Append each prompt's result to OUT/eval_records.jsonl and skip prompts already recorded "
+                   "there, so an interrupted sweep continues where it stopped.")
+@click.option("--minutes", type=float, default=None,
+              help="Start no new prompt after this many minutes (tasks are taken round-robin); with --resume "
+                   "a later run carries on.")
 @click.pass_context
-def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench, out):
+def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench, out, resume, minutes):
     """Evaluate pruning policies against budgets; `csp-eval score` scores MileBench predictions."""
     if ctx.invoked_subcommand is not None:
         return
@@ -59,14 +65,18 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
         raise click.ClickException(str(exc)) from None
     for error in errors:
         click.echo(f"skipped: {error}", err=True)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    records = target / "eval_records.jsonl"
+    if not resume and records.exists():
+        records.unlink()
     with click.progressbar(length=len(items), label="prompts", file=sys.stderr) as bar:
         result = sweep.run_sweep(net, processor, items, policy_list, budget_list, max_new_tokens,
-                                 progress=lambda message: bar.update(1))
+                                 progress=lambda message: bar.update(1), records_path=records,
+                                 minutes=minutes)
     result["model"] = model_id
     result["command"] = "csp-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["skipped"] = errors
-    target = Path(out)
-    target.mkdir(parents=True, exist_ok=True)
     (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     table = sweep.markdown_table(result, budget_list, policy_list)
     (target / "eval.md").write_text(f"`{result['command']}` ({result['wall_seconds']} s)\n\n{table}")

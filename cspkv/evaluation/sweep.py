@@ -90,47 +90,129 @@ def majority_score(items: list[EvalItem]) -> float:
     return sum(item.score(common) for item in items) / len(items)
 
 
-def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budgets: list[float],
-              max_new_tokens: int = 8, progress: Callable[[str], None] = lambda message: None) -> dict:
-    """Scores per task, policy and budget (plus kept fractions), and the two baselines."""
-    reference = LlavaReference(model)
-    tokenizer = getattr(processor, "tokenizer", processor)
+def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning: dict, budgets: list[float],
+                  max_new_tokens: int) -> dict:
+    """One prompt's record: every (policy, budget) cell's reply, score and kept fraction, and the
+    blanked-image reply (full cache). One full prefill serves every policy and budget."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    pruning = {name: get_policy(name) for name in policies}
-    totals: dict = {}
-    blank: dict = {}
-    started = time.perf_counter()
 
     def reply(prefill, name, budget):
         pruned = reference.prune(prefill, name, budget)
         decoded = reference.decode(pruned, int(prefill.logits[0].argmax()), max_new_tokens, eos_token_id=eos)
         return tokenizer.decode(decoded.tokens, skip_special_tokens=True), pruned.n_entries / prefill.length
 
-    for index, item in enumerate(items):
-        inputs = item.build_inputs(False)
-        prefill = reference.prefill(inputs["input_ids"], inputs.get("pixel_values"), pruning)
+    started = time.perf_counter()
+    inputs = item.build_inputs(False)
+    prefill = reference.prefill(inputs["input_ids"], inputs.get("pixel_values"), pruning)
+    cells = {}
+    for name in pruning:
+        for budget in budgets if name != FULL else [1.0]:
+            text, kept = reply(prefill, name, budget)
+            cells.setdefault(name, {})[str(budget)] = {"reply": text, "score": item.score(text), "kept_fraction": kept}
+    blanked = item.build_inputs(True)
+    blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"), {FULL: get_policy(FULL)})
+    blank_text = reply(blank_prefill, FULL, 1.0)[0]
+    return {"task": item.task, "sample_id": item.sample_id, "length": int(prefill.length), "cells": cells,
+            "blank_reply": blank_text, "blank_score": item.score(blank_text),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def aggregate(records: list[dict], items: list[EvalItem], policies: list[str], budgets: list[float]) -> dict:
+    """Mean score and kept fraction per task, policy and budget, over the records of ``items``."""
+    wanted = {(item.task, item.sample_id) for item in items}
+    records = [r for r in records if (r["task"], r["sample_id"]) in wanted]
+    totals: dict = {}
+    blank: dict = {}
+    for record in records:
         for name in policies:
             for budget in budgets if name != FULL else [1.0]:
-                text, kept = reply(prefill, name, budget)
-                cell = totals.setdefault(item.task, {}).setdefault(name, {}).setdefault(str(budget), [0.0, 0.0, 0])
-                cell[0] += item.score(text)
-                cell[1] += kept
-                cell[2] += 1
-        blanked = item.build_inputs(True)
-        blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"),
-                                          {FULL: get_policy(FULL)})
-        blank.setdefault(item.task, []).append(item.score(reply(blank_prefill, FULL, 1.0)[0]))
-        progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} ({prefill.length} tokens, "
-                 f"{time.perf_counter() - started:.0f}s)")
+                cell = record["cells"][name][str(budget)]
+                total = totals.setdefault(record["task"], {}).setdefault(name, {}).setdefault(str(budget), [0.0, 0.0, 0])
+                total[0] += cell["score"]
+                total[1] += cell["kept_fraction"]
+                total[2] += 1
+        blank.setdefault(record["task"], []).append(record["blank_score"])
+    done = {(r["task"], r["sample_id"]) for r in records}
     scores = {task: {name: {budget: {"score": s / n, "kept_fraction": k / n} for budget, (s, k, n) in by_budget.items()}
                      for name, by_budget in by_policy.items()} for task, by_policy in totals.items()}
     baselines = {task: {"blank_images": sum(values) / len(values),
-                        "majority": majority_score([i for i in items if i.task == task])}
+                        "majority": majority_score([i for i in items if i.task == task and (i.task, i.sample_id) in done])}
                  for task, values in blank.items()}
-    counts = Counter(item.task for item in items)
-    return {"scores": scores, "baselines": baselines, "prompts_per_task": dict(counts),
-            "question_types": {item.task: item.question_type for item in items},
-            "wall_seconds": round(time.perf_counter() - started, 1)}
+    return {"scores": scores, "baselines": baselines,
+            "prompts_per_task": dict(Counter(r["task"] for r in records)),
+            # compute time of every prompt counted, across resumed runs
+            "sweep_seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
+            "question_types": {item.task: item.question_type for item in items if item.task in totals}}
+
+
+def read_records(path) -> list[dict]:
+    """Records written by an earlier (possibly interrupted) sweep; a torn last line is ignored."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run: that prompt is simply redone
+    return records
+
+
+def interleave(items: list[EvalItem]) -> list[EvalItem]:
+    """Round-robin over tasks (each task's order kept), so a sweep cut short covers every task evenly."""
+    by_task: dict = {}
+    for item in items:
+        by_task.setdefault(item.task, []).append(item)
+    queues = list(by_task.values())
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
+def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budgets: list[float],
+              max_new_tokens: int = 8, progress: Callable[[str], None] = lambda message: None,
+              records_path=None, minutes: float | None = None) -> dict:
+    """Scores per task, policy and budget (plus kept fractions), and the two baselines.
+
+    With ``records_path`` every prompt's record is appended to that JSON-lines file as soon as it
+    is done, and prompts already recorded there (for the same policies and budgets) are not
+    redone: an interrupted sweep resumes where it stopped. With ``minutes`` no new prompt is
+    started after that much wall time; the result covers the prompts done (``prompts_per_task``).
+    """
+    import json
+
+    from cspkv.export.manifest import model_fingerprint
+
+    reference = LlavaReference(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pruning = {name: get_policy(name) for name in policies}
+    setting = {"model": model_fingerprint(model), "max_new_tokens": max_new_tokens}
+    done: dict = {}
+    if records_path is not None:
+        def reusable(record):  # same weights and decoding, and every cell this sweep needs
+            return all(record.get(k) == v for k, v in setting.items()) and all(
+                str(b) in record["cells"].get(name, {}) for name in policies for b in (budgets if name != FULL else [1.0]))
+        done = {(r["task"], r["sample_id"]): r for r in read_records(records_path) if reusable(r)}
+    started = time.perf_counter()
+    for index, item in enumerate(interleave(items)):
+        if minutes is not None and time.perf_counter() - started > minutes * 60:
+            progress(f"[{index + 1}/{len(items)}] time budget of {minutes} min spent: stopping")
+            break
+        if (item.task, item.sample_id) in done:
+            progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} (recorded earlier)")
+            continue
+        record = {**evaluate_item(reference, tokenizer, item, pruning, budgets, max_new_tokens), **setting}
+        done[(item.task, item.sample_id)] = record
+        if records_path is not None:
+            with open(records_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} ({record['length']} tokens, "
+                 f"{time.perf_counter() - started:.0f}s)")
+    result = aggregate(list(done.values()), items, policies, budgets)
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return result
 
 
 def markdown_table(result: dict, budgets: list[float], policies: list[str]) -> str:
