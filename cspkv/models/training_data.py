@@ -1,0 +1,187 @@
+"""Training conversations for the default model: several benchmark-style questions over one image set.
+
+The costly part of a training step is the 256 tokens of every image; the questions are short. So
+one step shows 2-8 train-split images once and then asks several questions about them as chat
+turns, each answer supervised. The first turn is exactly the benchmark's prompt format
+(:func:`cspkv.evaluation.easyvqa_tasks.prompt_text`); later turns repeat only the question and its
+options. Multiple-choice answers are the option's text (see :attr:`Question.target`). Questions use the benchmark's own phrasings and option rules, over train-split images
+only (the test split is never read here).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from cspkv.evaluation import easyvqa_tasks as ev
+
+SYSTEM = "You answer questions about images."
+QUESTION_MIX = (  # (kind, weight)
+    ("attribute", 0.26),
+    ("image_needle", 0.20),
+    ("counting", 0.18),
+    ("comparison", 0.16),
+    ("describe", 0.10),
+    ("text_needle", 0.10),
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str
+    question: str
+    choices: tuple[str, ...] | None
+    answer: str          # option letter, or the reference text for describe
+
+    @property
+    def target(self) -> str:
+        """What the model is trained to reply: the option's text ("red", "3", "yes"), not its letter.
+
+        The benchmark's scorer accepts either (as MileBench's does); naming the option directly
+        spares a 135M model the extra hop from the answer to its letter, which 150 steps of
+        letter targets did not learn (training accuracy stayed at chance).
+        """
+        return self.answer if self.choices is None else self.choices[ord(self.answer) - 65]
+
+    def user_text(self) -> str:
+        parts = [f"Question: {self.question}"]
+        if self.choices is not None:
+            parts.append("Options:\n" + "\n".join(f"{ev.option_letter(i)}. {c}" for i, c in enumerate(self.choices)))
+            parts.append("Answer with the option's letter.")
+        return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    image_ids: tuple[int, ...]
+    context: str
+    questions: tuple[Question, ...]
+    code_word: str | None
+
+
+def _options(rng: random.Random, correct: str, distractors: list[str], n: int = 4) -> tuple[tuple[str, ...], str]:
+    options = [correct] + rng.sample(distractors, min(n - 1, len(distractors)))
+    rng.shuffle(options)
+    return tuple(options), ev.option_letter(options.index(correct))
+
+
+def _count_question(rng: random.Random, labels: list[tuple[str, str]], a: int, value: str) -> Question:
+    n = len(labels)
+    count = sum(label[a] == value for label in labels)
+    thing = f"a {value} shape" if a == 0 else f"{'an' if value[0] in 'aeiou' else 'a'} {value}"
+    others = [str(c) for c in range(0, n + 1) if c != count and abs(c - count) <= 4]
+    return Question("counting", f"How many images show {thing}?", *_options(rng, str(count), others))
+
+
+def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code_word: str | None) -> Question | None:
+    n = len(labels)
+    attribute = rng.choice(("colour", "shape"))
+    a = 0 if attribute == "colour" else 1
+    values = ev.COLORS if attribute == "colour" else ev.SHAPES
+    if kind == "attribute":
+        k = rng.randrange(n)
+        correct = labels[k][a]
+        question = (f"What colour is the shape in image {k + 1}?" if a == 0 else f"What shape is in image {k + 1}?")
+        return Question(kind, question, *_options(rng, correct, [v for v in values if v != correct]))
+    if kind == "image_needle":
+        unique = [k for k in range(n) if labels.count(labels[k]) == 1]
+        if not unique or n < 2:
+            return None
+        k = rng.choice(unique)
+        color, shape = labels[k]
+        others = [str(j) for j in range(1, n + 1) if j != k + 1]
+        return Question(kind, f"Which image shows the {color} {shape}?", *_options(rng, str(k + 1), others))
+    if kind == "counting":
+        return _count_question(rng, labels, a, rng.choice(values))
+    if kind == "comparison":
+        if n < 2:
+            return None
+        i, j = sorted(rng.sample(range(n), 2))
+        same = labels[i][a] == labels[j][a]
+        return Question(kind, f"Do image {i + 1} and image {j + 1} show the same {attribute}?", ("yes", "no"),
+                        "A" if same else "B")
+    if kind == "text_needle":
+        if code_word is None:
+            return None
+        return Question(kind, "What is the code word?",
+                        *_options(rng, code_word, [w for w in ev.CODE_WORDS if w != code_word]))
+    if kind == "describe":
+        k = rng.randrange(n)
+        color, shape = labels[k]
+        return Question(kind, f"Describe image {k + 1} in a few words.", None, f"a {color} {shape}")
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, max_images: int = 10,
+                      n_questions: tuple[int, int] = (4, 8), needle_prob: float = 0.3) -> Conversation:
+    """One seeded conversation over train-split images ``pool`` (``labels``: id -> (colour, shape))."""
+    rng = random.Random(f"conversation:{seed}")
+    n = rng.randint(min_images, max_images)
+    focus = None
+    if rng.random() < 0.5:
+        # Half the sets are drawn like the benchmark's counting prompts (a count uniform in
+        # 0..min(n, 6) of one value); random sets would almost always count 0 or 1.
+        a = rng.randrange(2)
+        value = rng.choice(ev.COLORS if a == 0 else ev.SHAPES)
+        count = rng.randint(0, min(n, 6))
+        has = rng.sample([i for i in pool if labels[i][a] == value], count)
+        hasnt = rng.sample([i for i in pool if labels[i][a] != value], n - count)
+        ids = has + hasnt
+        rng.shuffle(ids)
+        focus = (a, value)
+    else:
+        ids = rng.sample(pool, n)
+    image_labels = [labels[i] for i in ids]
+    code_word = None
+    lines = []
+    needle_after = rng.randrange(1, n) if n >= 2 and rng.random() < needle_prob else None
+    if needle_after is not None:
+        code_word = rng.choice(ev.CODE_WORDS)
+    for k in range(1, n + 1):  # the benchmark's context layout (_context in easyvqa_tasks)
+        lines.append(f"Image {k}: {ev.IMAGE_TOKEN}")
+        if needle_after == k:
+            lines.append(f"The code word is {code_word}.")
+        elif needle_after is not None:
+            lines.append(rng.choice(ev.FILLER))
+    questions: list[Question] = []
+    wanted = rng.randint(*n_questions)
+    if code_word is not None:  # the needle's question always comes, at a random turn
+        questions.append(_question("text_needle", rng, image_labels, code_word))
+    if focus is not None:
+        questions.append(_count_question(rng, image_labels, *focus))
+    kinds, weights = zip(*[(k, w) for k, w in QUESTION_MIX if k != "text_needle"])
+    for _ in range(8 * wanted):  # bounded: small sets may offer few distinct questions
+        if len(questions) >= wanted:
+            break
+        q = _question(rng.choices(kinds, weights=weights)[0], rng, image_labels, code_word)
+        if q is not None and all(q.question != other.question for other in questions):
+            questions.append(q)
+    rng.shuffle(questions)
+    return Conversation(tuple(ids), "\n".join(lines), tuple(questions), code_word)
+
+
+def conversation_tokens(conversation: Conversation, tokenizer, image_tokens: int) -> tuple[list[int], list[bool]]:
+    """Token ids of the whole chat (``<image>`` expanded) and a per-token flag: is it a supervised answer token.
+
+    Mirrors the ChatML template turn by turn, so the first turn's prompt tokens equal what
+    :func:`cspkv.evaluation.easyvqa_tasks.build_prompt` gives the benchmark.
+    """
+    def encode(text: str) -> list[int]:
+        return tokenizer(text.replace(ev.IMAGE_TOKEN, ev.IMAGE_TOKEN * image_tokens), add_special_tokens=False)["input_ids"]
+
+    ids: list[int] = []
+    supervised: list[bool] = []
+    for turn, q in enumerate(conversation.questions):
+        user = (conversation.context + "\n" if turn == 0 else "") + q.user_text()
+        head = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n" if turn == 0 else "") + \
+            f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        piece = encode(head)
+        ids += piece
+        supervised += [False] * len(piece)
+        answer = encode(q.target + "<|im_end|>")
+        ids += answer
+        supervised += [True] * len(answer)
+        newline = encode("\n")
+        ids += newline
+        supervised += [False] * len(newline)
+    return ids, supervised

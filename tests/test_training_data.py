@@ -1,0 +1,144 @@
+"""The default model's training inputs and LoRA: conversations that agree with the labels and the
+benchmark's prompt format, train-split images only, and a LoRA merge equal to the trained adapters."""
+
+import pytest
+import torch
+from torch import nn
+
+from cspkv.models import lora
+from cspkv.models import training_data as td
+
+easy_vqa = pytest.importorskip("easy_vqa")
+from cspkv.evaluation import easyvqa_tasks as ev  # noqa: E402
+
+
+class CharTokenizer:
+    """One token per character; enough to check which tokens are supervised."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _expected_answer(q: td.Question, labels, code_word):
+    """The answer recomputed from the labels alone (independently of training_data's code)."""
+    import re
+
+    numbers = [int(x) for x in re.findall(r"\d+", q.question)]
+    if q.kind == "attribute":
+        k = numbers[0] - 1
+        return labels[k][0] if "colour" in q.question else labels[k][1]
+    if q.kind == "image_needle":
+        color, shape = re.match(r"Which image shows the (\w+) (\w+)\?", q.question).groups()
+        matches = [k + 1 for k, label in enumerate(labels) if label == (color, shape)]
+        assert len(matches) == 1, "an image-needle question must have exactly one matching image"
+        return str(matches[0])
+    if q.kind == "counting":
+        thing = re.match(r"How many images show (?:an?) (\w+)", q.question).group(1)
+        if thing in ev.COLORS:
+            return str(sum(label[0] == thing for label in labels))
+        return str(sum(label[1] == thing for label in labels))
+    if q.kind == "comparison":
+        a, b = numbers[0] - 1, numbers[1] - 1
+        index = 0 if q.question.endswith("colour?") else 1
+        return "yes" if labels[a][index] == labels[b][index] else "no"
+    if q.kind == "text_needle":
+        return code_word
+    if q.kind == "describe":
+        k = numbers[0] - 1
+        return f"a {labels[k][0]} {labels[k][1]}"
+    raise AssertionError(q.kind)
+
+
+def test_conversations_answer_correctly_from_train_images_only():
+    labels = ev.load_labels("train")
+    pool = sorted(labels)
+    kinds = set()
+    for seed in range(300):
+        conv = td.make_conversation(seed, pool, labels)
+        image_labels = [labels[i] for i in conv.image_ids]
+        assert 3 <= len(conv.image_ids) <= 10 and set(conv.image_ids) <= set(pool)
+        assert conv.context.count(ev.IMAGE_TOKEN) == len(conv.image_ids)
+        assert len({q.question for q in conv.questions}) == len(conv.questions)  # no repeated question
+        if conv.code_word is not None:
+            assert f"The code word is {conv.code_word}." in conv.context
+        for q in conv.questions:
+            kinds.add(q.kind)
+            expected = _expected_answer(q, image_labels, conv.code_word)
+            if q.choices is None:
+                assert q.answer == expected
+            else:
+                assert q.choices[ord(q.answer) - 65] == expected
+                assert len(set(q.choices)) == len(q.choices)
+    assert kinds == {k for k, _ in td.QUESTION_MIX}
+
+
+def test_first_turn_is_the_benchmarks_prompt_and_only_answers_are_supervised():
+    labels = ev.load_labels("train")
+    conv = td.make_conversation(7, sorted(labels), labels)
+    tokenizer = CharTokenizer()
+    ids, supervised = td.conversation_tokens(conv, tokenizer, image_tokens=1)
+    text = "".join(map(chr, ids))
+    first = conv.questions[0]
+    sample_like = ev.TaskSample(task=first.kind, split="train", sample_id="x", image_ids=conv.image_ids,
+                                labels=tuple(labels[i] for i in conv.image_ids), context=conv.context,
+                                question=first.question, choices=first.choices, answer=first.answer,
+                                answer_text=first.answer)
+    assert text.startswith(f"<|im_start|>system\n{td.SYSTEM}<|im_end|>\n<|im_start|>user\n"
+                           f"{ev.prompt_text(sample_like)}<|im_end|>\n<|im_start|>assistant\n")
+    answers = "".join(chr(t) for t, s in zip(ids, supervised) if s)
+    assert answers == "".join(q.target + "<|im_end|>" for q in conv.questions)
+    for q in conv.questions:  # the option's text scores as the right letter
+        assert ev.score(sample_like.__class__(**{**sample_like.__dict__, "choices": q.choices, "answer": q.answer,
+                                                 "question": q.question}), q.target) == pytest.approx(1.0)
+
+
+def test_conversations_are_seeded():
+    labels = ev.load_labels("train")
+    pool = sorted(labels)
+    assert td.make_conversation("0:5", pool, labels) == td.make_conversation("0:5", pool, labels)
+    assert td.make_conversation("0:5", pool, labels) != td.make_conversation("0:6", pool, labels)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleDict({"q_proj": nn.Linear(6, 4), "down_proj": nn.Linear(4, 6),
+                                                    "other": nn.Linear(6, 6)}) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["down_proj"](torch.relu(layer["q_proj"](x))) + layer["other"](x)
+        return x
+
+
+def test_lora_merge_equals_the_trained_adapters():
+    torch.manual_seed(0)
+    trained, plain = TwoLayers(), TwoLayers()
+    plain.load_state_dict(trained.state_dict())
+    params = lora.attach(trained, rank=2, alpha=4.0, targets=("q_proj", "down_proj"))
+    assert len(params) == 2 * 2 * 2  # A and B for two Linears in two layers
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(trained(x), plain(x))  # B = 0: no change before training
+    with torch.no_grad():
+        for p in params:
+            p.normal_()
+    state = lora.adapter_state(trained)
+    assert set(state) == {f"layers.{i}.{n}.lora_{ab}" for i in range(2) for n in ("q_proj", "down_proj") for ab in "AB"}
+    assert lora.merge(plain, state) == 4
+    torch.testing.assert_close(plain(x), trained(x), atol=1e-5, rtol=1e-5)
+    lora.detach_adapters(trained)
+    assert not any(isinstance(m, lora.LoRALinear) for m in trained.modules())
+    torch.testing.assert_close(trained(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_file_for_another_model_is_refused_whole():
+    model = TwoLayers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = {"layers.0.q_proj.lora_A": torch.ones(2, 6), "layers.0.q_proj.lora_B": torch.ones(4, 2)}
+    with pytest.raises(ValueError, match="layers.1.q_proj.*does not fit"):
+        lora.merge(model, {**good, "layers.1.q_proj.lora_A": torch.ones(2, 5), "layers.1.q_proj.lora_B": torch.ones(4, 2)})
+    with pytest.raises(ValueError, match="'layers.0.nothing'"):
+        lora.merge(model, {**good, "layers.0.nothing.lora_A": torch.ones(2, 6), "layers.0.nothing.lora_B": torch.ones(4, 2)})
+    with pytest.raises(ValueError, match="lacks lora_A or lora_B"):
+        lora.merge(model, {"layers.0.q_proj.lora_A": torch.ones(2, 6)})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing merged partly
