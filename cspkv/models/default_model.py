@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cspkv.models import lora
 from cspkv.models.vision_convert import (
     IMAGE_MEAN,
     IMAGE_SIZE,
@@ -47,6 +48,8 @@ from cspkv.models.vision_convert import (
 IMAGE_TOKEN = "<image>"
 PROJECTOR_SEED = 0
 PROJECTOR_PATH = Path(__file__).parent / "weights" / "projector.safetensors"
+# A small LoRA of the language model, trained with the projector and merged at load time.
+LORA_PATH = Path(__file__).parent / "weights" / "lora.safetensors"
 # Bump when the assembly below changes, so stale caches are not reused.
 ASSEMBLY_VERSION = 1
 
@@ -248,8 +251,12 @@ class DefaultProcessor:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
 
-def load_default_model(cache_dir=None):
-    """Return ``(LlavaForConditionalGeneration, DefaultProcessor)``, building and caching on first use."""
+def load_default_model(cache_dir=None, with_trained: bool = True):
+    """Return ``(LlavaForConditionalGeneration, DefaultProcessor)``, building and caching on first use.
+
+    ``with_trained=False`` gives the base the training script starts from: the seeded-init
+    projector and the language model without the LoRA.
+    """
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     locations = locate_packages()
@@ -257,10 +264,13 @@ def load_default_model(cache_dir=None):
     if (target / "config.json").is_file():
         model = LlavaForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(target)
-        # The cache holds the language model and vision tower; a retrained projector needs no rebuild.
-        init_projector(model.model.multi_modal_projector, PROJECTOR_PATH)
     else:
         model, tokenizer = _build(locations, PROJECTOR_PATH)
         _save_atomically(model, tokenizer, target)
-    _warn_if_untrained(PROJECTOR_PATH)
+    # The cache holds the packages' language model and vision tower only; the trained projector
+    # and LoRA are put on top here, so retraining them never rebuilds the cache.
+    init_projector(model.model.multi_modal_projector, PROJECTOR_PATH if with_trained else Path("/nonexistent"))
+    if with_trained:
+        lora.load_and_merge(model.model.language_model, LORA_PATH)
+        _warn_if_untrained(PROJECTOR_PATH)
     return model, DefaultProcessor(tokenizer)
