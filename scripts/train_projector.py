@@ -1,23 +1,29 @@
 #!/usr/bin/env python
-"""Train the default model's LLaVA projector on easy-VQA *train-split* prompts (CPU, seeded).
+"""Train the default model's LLaVA projector and a small LoRA on easy-VQA *train-split* images (CPU, seeded).
 
-Only ``multi_modal_projector`` (Linear-GELU-Linear, ~0.55 M parameters) is trained; the DINOv2
-tower and SmolLM2 stay frozen (no LoRA). Two phases, both on train-split images only:
+The DINOv2 tower stays frozen; the projector (Linear-GELU-Linear, ~0.55 M parameters) and a
+rank-8 LoRA of SmolLM2's attention and down projections (``cspkv.models.lora``, merged into the
+weights at load time) are trained. Two phases, both on train-split images only:
 
-1. alignment (a few minutes): the projector is regressed (MSE) onto word embeddings of the
+1. alignment (about a minute): the projector is regressed (MSE) onto word embeddings of the
    frozen LM, patch by patch: patches covered by the shape -> the colour word (" red"), background
    patches -> the shape word (" triangle"). An image then reads to the LM roughly like
-   "triangle triangle red red ...", which a 135M LM can use with almost no end-to-end steps.
-2. end-to-end (the rest of the wall clock): next-token loss on the answer tokens of 1-3 image
-   prompts in the benchmark's own format (``cspkv.evaluation.easyvqa_tasks``, train split),
-   gradients flowing through the frozen LM into the projector.
+   "triangle triangle red red ...", a good start for the end-to-end phase.
+2. end-to-end: next-token loss on the answers of multi-turn conversations
+   (``cspkv.models.training_data``): 3-10 train images shown once, then 4-8 benchmark-style
+   questions about them as chat turns, every answer (the option's text) supervised. Gradients flow through the LM
+   into the LoRA and the projector.
 
-The projector is written (fp32, ~2.2 MB, atomically) to ``cspkv/models/weights/projector.safetensors``
-after phase 1 and then every ``--ckpt-minutes``, and at the end. Everything is seeded: alignment
-runs a fixed number of steps and end-to-end step i always sees the same prompt, so a run stopped
-by the clock is a prefix of the same run; ``--max-steps`` reproduces it exactly. Run e.g.::
+The frozen DINOv2 features of every labelled train image are computed once (about 6 minutes) and
+cached under ``~/.cache/cspkv``. The weights are written (fp32, atomically) to
+``cspkv/models/weights/{projector,lora}.safetensors`` after phase 1, every ``--ckpt-minutes`` and at
+the end. Everything is seeded: step i always sees the same conversation and the learning-rate
+schedule depends on ``--max-steps`` only, so a run stopped by ``--minutes`` is a prefix of the full
+run, and ``--continue-from-step N`` carries on from the written weights (Adam's moments restart, so
+it warms up again). The committed weights come from two runs on a 2-core CPU (about 13 s a step)::
 
-    nohup python scripts/train_projector.py --minutes 40 > /tmp/train_projector.log 2>&1 &
+    python scripts/train_projector.py --max-steps 380 --minutes 55          # stopped at step 260
+    python scripts/train_projector.py --max-steps 380 --continue-from-step 260 --warmup 10 --minutes 34
 """
 
 from __future__ import annotations
@@ -37,41 +43,34 @@ sys.path.insert(0, str(REPO))
 
 from cspkv.evaluation import easyvqa_tasks as ev  # noqa: E402
 from cspkv.models import default_model as dm  # noqa: E402
-
-TRAIN_MIX = (  # (task, weight, min_images, max_images)
-    ("attribute", 0.30, 1, 3),
-    ("describe", 0.15, 1, 2),
-    ("image_needle", 0.15, 2, 3),
-    ("comparison", 0.15, 2, 3),
-    ("counting", 0.17, 2, 3),
-    ("text_needle", 0.08, 2, 2),
-)
-
+from cspkv.models import lora  # noqa: E402
+from cspkv.models import training_data as td  # noqa: E402
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def load_base_model():
-    """The default model with its *untrained* (seeded-init) projector, whatever projector file exists."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", dm.UntrainedProjectorWarning)
-        model, processor = dm.load_default_model()
-    trained = dm.init_projector(model.model.multi_modal_projector, Path("/nonexistent/projector.safetensors"))
-    assert not trained
+    """The default model with its seeded-init projector and no LoRA, whatever weight files exist."""
+    model, processor = dm.load_default_model(with_trained=False)
     return model.eval(), processor
 
 
-def save_projector(projector, path: Path) -> None:
+def save_weights(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    state = {k: v.detach().float().contiguous().clone() for k, v in projector.state_dict().items()}
+    state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
     save_file(state, str(tmp), metadata={"trained_by": "scripts/train_projector.py"})
     os.replace(tmp, path)
+
+
+def save_all(model, args) -> None:
+    save_weights(model.model.multi_modal_projector.state_dict(), args.out)
+    adapters = lora.adapter_state(model.model.language_model)
+    if adapters:
+        save_weights(adapters, args.lora_out)
 
 
 class FeatureCache:
@@ -107,7 +106,7 @@ def word_ids(tokenizer) -> dict[str, int]:
     return {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ev.COLORS + ev.SHAPES}
 
 
-def align(model, processor, feats: FeatureCache, args) -> None:
+def align(model, processor, get_features, args) -> None:
     labels = ev.load_labels("train")
     rng = random.Random(args.seed)
     ids = rng.sample(sorted(labels), args.align_images + 64)
@@ -116,7 +115,7 @@ def align(model, processor, feats: FeatureCache, args) -> None:
     wid = word_ids(processor.tokenizer)
 
     def batch(id_list):
-        x = feats.get(id_list)
+        x = get_features(id_list)
         targets = []
         for i in id_list:
             color, shape = labels[i]
@@ -164,76 +163,132 @@ def align(model, processor, feats: FeatureCache, args) -> None:
                 break
 
 
-def make_training_example(step: int, args, processor):
-    rng = random.Random(f"{args.seed}:mix:{step}")
-    task, _, lo, hi = rng.choices(TRAIN_MIX, weights=[m[1] for m in TRAIN_MIX])[0]
-    sample = ev.generate_samples(task, 1, split="train", seed=args.seed * 1_000_003 + step,
-                                 min_images=lo, max_images=hi)[0]
-    tokenizer = processor.tokenizer
-    messages = [{"role": "system", "content": "You answer questions about images."},
-                {"role": "user", "content": ev.prompt_text(sample)}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # Multiple choice: the letter alone is the target (what follows it, "A. circle" or "A", is
-    # scored the same). Open-ended: the reference text and <|im_end|>, so replies stop.
-    answer = sample.answer if sample.choices is not None else sample.answer + tokenizer.eos_token
-    expanded = prompt.replace(ev.IMAGE_TOKEN, ev.IMAGE_TOKEN * processor.num_image_tokens)
-    p_ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return sample, torch.tensor([p_ids + a_ids]), len(p_ids)
+def train_features(model, processor, labels: dict) -> tuple[dict[int, int], torch.Tensor]:
+    """Frozen DINOv2 patch features ([N, 256, 384] fp16) of every labelled train image, cached on disk."""
+    ids = sorted(labels)
+    path = dm.default_cache_dir() / "train_features_v1.pt"  # bump if the vision tower or resizing changes
+    if path.is_file():
+        cached = torch.load(path)
+        if cached["ids"] == ids:
+            log(f"train features from {path}")
+            return {i: k for k, i in enumerate(ids)}, cached["features"]
+    log(f"computing DINOv2 features of {len(ids)} train images (cached at {path})")
+    feats = FeatureCache(model, processor)
+    out = torch.empty(len(ids), 256, 384, dtype=torch.float16)
+    for s in range(0, len(ids), 32):
+        out[s:s + 32] = feats.get(ids[s:s + 32]).half()
+        feats.cache.clear()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ids": ids, "features": out}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return {i: k for k, i in enumerate(ids)}, out
 
 
-def end_to_end(model, processor, feats: FeatureCache, args, deadline: float, ckpt) -> None:
+def restore(model, args) -> None:
+    """Load the projector and LoRA written by an earlier run into the live (trainable) modules."""
+    from safetensors.torch import load_file
+
+    model.model.multi_modal_projector.load_state_dict(load_file(str(args.out)))
+    if not args.lora_rank:
+        return
+    adapters = load_file(str(args.lora_out))
+    modules = dict(model.model.language_model.named_modules())
+    wrapped = {name for name, m in modules.items() if isinstance(m, lora.LoRALinear)}
+    stored = {key.rsplit(".", 1)[0] for key in adapters}
+    if stored != wrapped:
+        raise SystemExit(f"{args.lora_out} adapts {len(stored)} Linears, this run {len(wrapped)}: "
+                         "same --lora-rank and targets needed to continue")
+    with torch.no_grad():
+        for name in wrapped:
+            module = modules[name]
+            module.lora_A.copy_(adapters[f"{name}.lora_A"])
+            module.lora_B.copy_(adapters[f"{name}.lora_B"] / module.scale)   # the file folds the scale in
+    log(f"continuing from step {args.continue_from_step} with {args.out} and {args.lora_out}")
+
+
+def learning_rate(base: float, step: int, args) -> float:
+    # A continued run restarts Adam's moments, so it warms up again from where it resumes.
+    warm = min(1.0, (step - args.continue_from_step + 1) / args.warmup)
+    if args.max_steps is None:
+        return base * warm
+    progress = min(1.0, step / args.max_steps)
+    return base * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))  # cosine to 10%
+
+
+def end_to_end(model, processor, index: dict, features: torch.Tensor, labels: dict, args,
+               deadline: float, ckpt) -> None:
     projector = model.model.multi_modal_projector
     embed_layer = model.get_input_embeddings()
     lm = model.model.language_model
-    opt = torch.optim.Adam(projector.parameters(), lr=args.lr)
+    lora_params = lora.attach(lm, rank=args.lora_rank, alpha=args.lora_alpha, seed=args.seed) if args.lora_rank else []
+    if args.continue_from_step:
+        restore(model, args)
+    groups = [{"params": list(projector.parameters()), "lr": args.lr, "base": args.lr}]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": args.lora_lr, "base": args.lora_lr})
+    opt = torch.optim.Adam(groups)
     image_token = processor.image_token_id
-    step, window, per_task = 0, [], {}
+    pool = sorted(labels)
+    step, window, per_kind = args.continue_from_step, [], {}
     while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
-        sample, ids, n_prompt = make_training_example(step, args, processor)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        conv = td.make_conversation(f"{args.seed}:{step}", pool, labels, min_images=args.min_images,
+                                    max_images=args.max_images)
+        token_ids, supervised = td.conversation_tokens(conv, processor.tokenizer, processor.num_image_tokens)
+        ids = torch.tensor([token_ids])
+        sup = torch.tensor(supervised)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = learning_rate(group["base"], step, args)
         with torch.no_grad():
             embeds = embed_layer(ids)
-        image_feats = projector(feats.get(list(sample.image_ids))).reshape(-1, embeds.shape[-1])
-        mask = (ids == image_token)[0]
+        image_feats = projector(features[[index[i] for i in conv.image_ids]].float()).reshape(-1, embeds.shape[-1])
         embeds = embeds.clone()
-        embeds[0, mask] = image_feats
+        embeds[0, ids[0] == image_token] = image_feats
         hidden = lm(inputs_embeds=embeds).last_hidden_state
-        logits = model.lm_head(hidden[0, n_prompt - 1:-1])
-        loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, n_prompt:])
+        targets = torch.nonzero(sup).squeeze(1)             # answer tokens, predicted from t - 1
+        logits = model.lm_head(hidden[0, targets - 1]).float()
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, targets])
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         step += 1
         window.append(loss.item())
-        per_task.setdefault(sample.task, []).append(loss.item())
+        # Training accuracy of each answer's first token, per question kind.
+        starts = [t for t in targets.tolist() if not supervised[t - 1]]
+        hits = (logits.argmax(-1) == ids[0, targets])[[targets.tolist().index(t) for t in starts]]
+        for q, hit in zip(conv.questions, hits.tolist()):
+            per_kind.setdefault(q.kind, []).append(hit)
         if step % args.log_every == 0:
-            tasks = " ".join(f"{t}={np.mean(v[-20:]):.3f}" for t, v in sorted(per_task.items()))
-            log(f"e2e step {step} loss(last {len(window)}) {np.mean(window):.4f} lr {lr:.1e} | {tasks}")
+            kinds = " ".join(f"{k}={np.mean(v[-60:]):.2f}" for k, v in sorted(per_kind.items()))
+            log(f"e2e step {step} loss {np.mean(window):.4f} ({len(token_ids)} tok) lr {opt.param_groups[0]['lr']:.1e} "
+                f"| first-token acc (last 60) {kinds}")
             window = []
         ckpt(step)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget for everything")
-    parser.add_argument("--max-steps", type=int, default=None, help="cap on end-to-end steps")
+    parser.add_argument("--minutes", type=float, default=55.0, help="wall-clock budget for everything")
+    parser.add_argument("--max-steps", type=int, default=380, help="end-to-end steps (sets the lr schedule)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--align-images", type=int, default=384)
     parser.add_argument("--align-steps", type=int, default=650, help="alignment steps (16 images each)")
     parser.add_argument("--align-minutes", type=float, default=10.0, help="safety cap on alignment time")
     parser.add_argument("--align-lr", type=float, default=1e-3)
-    parser.add_argument("--skip-align", action="store_true")
-    parser.add_argument("--init", type=Path, default=None, help="start from this projector file")
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--warmup", type=int, default=10, help="linear lr warm-up steps")
+    parser.add_argument("--lr", type=float, default=3e-4, help="projector learning rate (end-to-end)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="0: projector only")
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--min-images", type=int, default=3)
+    parser.add_argument("--max-images", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
     parser.add_argument("--ckpt-minutes", type=float, default=8.0)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--continue-from-step", type=int, default=0,
+                        help="resume the schedule at this step from the --out/--lora-out weights (skips alignment)")
     parser.add_argument("--out", type=Path, default=dm.PROJECTOR_PATH)
+    parser.add_argument("--lora-out", type=Path, default=dm.LORA_PATH)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -247,29 +302,27 @@ def main(argv=None) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     projector = model.model.multi_modal_projector
-    if args.init is not None:
-        dm.init_projector(projector, args.init)
-        log(f"initialised projector from {args.init}")
     for p in projector.parameters():
         p.requires_grad_(True)
     log(f"model loaded in {time.time() - start:.0f}s; projector params "
         f"{sum(p.numel() for p in projector.parameters())}")
-    feats = FeatureCache(model, processor)
-    if not args.skip_align:
-        align(model, processor, feats, args)
-    save_projector(projector, args.out)
-    log(f"checkpoint ({'initial' if args.skip_align else 'after alignment'}) -> {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    labels = ev.load_labels("train")
+    index, features = train_features(model, processor, labels)
+    if not args.continue_from_step:
+        align(model, processor, lambda ids: features[[index[i] for i in ids]].float(), args)
+        save_all(model, args)
+        log(f"checkpoint (after alignment) -> {args.out}")
     last = [time.time()]
 
     def ckpt(step: int) -> None:
         if time.time() - last[0] >= args.ckpt_minutes * 60:
-            save_projector(projector, args.out)
+            save_all(model, args)
             last[0] = time.time()
-            log(f"checkpoint step {step} -> {args.out}")
+            log(f"checkpoint step {step} -> {args.out}, {args.lora_out}")
 
-    end_to_end(model, processor, feats, args, deadline, ckpt)
-    save_projector(projector, args.out)
-    log(f"final checkpoint -> {args.out}; total {(time.time() - start) / 60:.1f} min")
+    end_to_end(model, processor, index, features, labels, args, deadline, ckpt)
+    save_all(model, args)
+    log(f"final checkpoint -> {args.out}, {args.lora_out}; total {(time.time() - start) / 60:.1f} min")
     return 0
 
 
