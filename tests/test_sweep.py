@@ -53,6 +53,9 @@ def test_sweep_prefills_once_per_prompt_and_fills_every_cell(monkeypatch):
     assert result["baselines"]["t1"]["majority"] == 1.0
     table = sweep.markdown_table(result, budgets, policies)
     assert "### t1" in table and "| csp | 1.000 | 1.000 | 1.000 |" in table
+    blank = result["baselines"]["t1"]["blank_images"]
+    assert f"| t1 | multi-choice | 2 | 1.000 | {blank:.3f} | 1.000 | {1 - blank:+.3f} |" in table
+    assert f"| csp | 1.000 (1.00) | 1.000 ({math.ceil(0.5 * length) / length:.2f}) |" in table
 
 
 def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_path):

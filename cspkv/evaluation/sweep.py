@@ -215,8 +215,32 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
     return result
 
 
+def overview_table(result: dict, budgets: list[float], policies: list[str]) -> str:
+    """Full cache against the two baselines per task, then each policy's mean over tasks per budget."""
+    lines = ["| task | type | prompts | full cache | images blanked | majority | full − blanked |",
+             "|---|---|---|---|---|---|---|"]
+    for task, by_policy in result["scores"].items():
+        base, full = result["baselines"][task], by_policy.get(FULL, {}).get("1.0")
+        if full is None:
+            continue
+        lines.append(f"| {task} | {result['question_types'][task]} | {result['prompts_per_task'][task]} | "
+                     f"{full['score']:.3f} | {base['blank_images']:.3f} | {base['majority']:.3f} | "
+                     f"{full['score'] - base['blank_images']:+.3f} |")
+    lines += ["", "Mean over tasks (kept fraction of the prompt's KV entries in brackets):", "",
+              "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for name in policies:
+        cells = []
+        for budget in budgets:
+            found = [by_policy[name][str(budget)] for by_policy in result["scores"].values()
+                     if str(budget) in by_policy.get(name, {})]
+            cells.append(f"{sum(c['score'] for c in found) / len(found):.3f} "
+                         f"({sum(c['kept_fraction'] for c in found) / len(found):.2f})" if found else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(result: dict, budgets: list[float], policies: list[str]) -> str:
-    lines = []
+    lines = [overview_table(result, budgets, policies)]
     for task, by_policy in result["scores"].items():
         base = result["baselines"][task]
         lines.append(f"### {task} ({result['question_types'][task]}, {result['prompts_per_task'][task]} prompts; "
