@@ -22,6 +22,13 @@ class DigitTokenizer:
         return " ".join(map(str, tokens))
 
 
+def _prompt_item(task, seed, n_images, score, answer):
+    """A multiple-choice EvalItem over a tiny multi-image prompt; blanking zeroes its pixels."""
+    ids, pixels = multi_image_prompt(n_images, seed=seed)
+    return sweep.EvalItem(task, str(seed), lambda blank: {"input_ids": ids, "pixel_values": pixels * 0 if blank else pixels},
+                          score, answer, "multi-choice")
+
+
 def test_sweep_prefills_once_per_prompt_and_fills_every_cell(monkeypatch):
     model = tiny_llava(seed=2)
     calls = []
@@ -29,12 +36,7 @@ def test_sweep_prefills_once_per_prompt_and_fills_every_cell(monkeypatch):
     monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
 
     def item(task, seed):
-        ids, pixels = multi_image_prompt(3, seed=seed)
-
-        def build(blank):
-            return {"input_ids": ids, "pixel_values": pixels * 0 if blank else pixels}
-
-        return sweep.EvalItem(task, str(seed), build, lambda reply: float(len(reply) > 0), "A", "multi-choice")
+        return _prompt_item(task, seed, 3, lambda reply: float(len(reply) > 0), "A")
 
     items = [item("t1", 1), item("t1", 2), item("t2", 3)]
     policies, budgets = ["full", "snapkv", "csp"], [1.0, 0.5, 0.2]
@@ -65,9 +67,7 @@ def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_
     monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
 
     def item(task, seed):
-        ids, pixels = multi_image_prompt(2, seed=seed)
-        return sweep.EvalItem(task, str(seed), lambda blank: {"input_ids": ids, "pixel_values": pixels * 0 if blank else pixels},
-                              lambda reply: float(reply.startswith("1")), "1", "multi-choice")
+        return _prompt_item(task, seed, 2, lambda reply: float(reply.startswith("1")), "1")
 
     items = [item("t1", 1), item("t1", 2), item("t2", 3)]
     policies, budgets = ["full", "csp"], [1.0, 0.5]

@@ -111,9 +111,9 @@ def cache_key(locations: PackageLocations) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def init_projector(projector: nn.Module, path: Path = PROJECTOR_PATH, seed: int = PROJECTOR_SEED) -> bool:
-    """Load trained projector weights if ``path`` exists, else a seeded init. Returns True if trained."""
-    if path.is_file():
+def init_projector(projector: nn.Module, path: Path | None = PROJECTOR_PATH, seed: int = PROJECTOR_SEED) -> bool:
+    """Load trained projector weights if ``path`` exists (None: never), else a seeded init. Returns True if trained."""
+    if path is not None and path.is_file():
         from safetensors.torch import load_file
 
         projector.load_state_dict(load_file(str(path)), strict=True)  # keys: linear_{1,2}.{weight,bias}
@@ -269,7 +269,7 @@ def load_default_model(cache_dir=None, with_trained: bool = True):
         _save_atomically(model, tokenizer, target)
     # The cache holds the packages' language model and vision tower only; the trained projector
     # and LoRA are put on top here, so retraining them never rebuilds the cache.
-    init_projector(model.model.multi_modal_projector, PROJECTOR_PATH if with_trained else Path("/nonexistent"))
+    init_projector(model.model.multi_modal_projector, PROJECTOR_PATH if with_trained else None)
     if with_trained:
         lora.load_and_merge(model.model.language_model, LORA_PATH)
         _warn_if_untrained(PROJECTOR_PATH)
