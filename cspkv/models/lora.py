@@ -58,12 +58,12 @@ def adapter_state(language_model: nn.Module) -> dict[str, torch.Tensor]:
 
 def detach_adapters(language_model: nn.Module) -> None:
     """Merge every LoRALinear into its base Linear and put the plain Linear back."""
+    state = adapter_state(language_model)
     for name, module in list(language_model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
-                with torch.no_grad():
-                    child.base.weight += (child.lora_B * child.scale) @ child.lora_A
                 setattr(module, child_name, child.base)
+    merge(language_model, state)
 
 
 def merge(language_model: nn.Module, state: dict[str, torch.Tensor]) -> int:
