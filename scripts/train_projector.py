@@ -191,18 +191,10 @@ def restore(model, args) -> None:
     model.model.multi_modal_projector.load_state_dict(load_file(str(args.out)))
     if not args.lora_rank:
         return
-    adapters = load_file(str(args.lora_out))
-    modules = dict(model.model.language_model.named_modules())
-    wrapped = {name for name, m in modules.items() if isinstance(m, lora.LoRALinear)}
-    stored = {key.rsplit(".", 1)[0] for key in adapters}
-    if stored != wrapped:
-        raise SystemExit(f"{args.lora_out} adapts {len(stored)} Linears, this run {len(wrapped)}: "
-                         "same --lora-rank and targets needed to continue")
-    with torch.no_grad():
-        for name in wrapped:
-            module = modules[name]
-            module.lora_A.copy_(adapters[f"{name}.lora_A"])
-            module.lora_B.copy_(adapters[f"{name}.lora_B"] / module.scale)   # the file folds the scale in
+    try:
+        lora.load_adapter_state(model.model.language_model, load_file(str(args.lora_out)))
+    except ValueError as error:
+        raise SystemExit(f"{args.lora_out}: {error} (same --lora-rank needed to continue)") from error
     log(f"continuing from step {args.continue_from_step} with {args.out} and {args.lora_out}")
 
 

@@ -81,7 +81,10 @@ def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_
     fresh = sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2)
     assert resumed["scores"] == fresh["scores"] and resumed["baselines"] == fresh["baselines"]
     assert resumed["scores"]["t1"] == first["scores"]["t1"]
-    assert resumed["sweep_seconds"] > 0
+    # Compute time adds up over resumed runs: every record's own seconds, not just this run's.
+    recorded = sweep.read_records(records)
+    assert all(r["seconds"] > 0 for r in recorded)
+    assert resumed["sweep_seconds"] == pytest.approx(sum(r["seconds"] for r in recorded), abs=1e-3)
     # A line cut short by a killed run is redone, not trusted; other budgets are not reused either.
     lines = records.read_text().splitlines()
     records.write_text("\n".join(lines[:-1] + [lines[-1][: len(lines[-1]) // 2]]) + "\n")

@@ -131,6 +131,24 @@ def test_lora_merge_equals_the_trained_adapters():
     torch.testing.assert_close(trained(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
+def test_lora_state_loads_back_into_fresh_adapters():
+    torch.manual_seed(0)
+    trained, resumed = TwoLayers(), TwoLayers()
+    resumed.load_state_dict(trained.state_dict())
+    params = lora.attach(trained, rank=2, alpha=4.0, targets=("q_proj", "down_proj"))
+    with torch.no_grad():
+        for p in params:
+            p.normal_()
+    lora.attach(resumed, rank=2, alpha=4.0, targets=("q_proj", "down_proj"), seed=1)
+    lora.load_adapter_state(resumed, lora.adapter_state(trained))
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(resumed(x), trained(x))
+    narrower = TwoLayers()
+    lora.attach(narrower, rank=2, alpha=4.0, targets=("q_proj",))
+    with pytest.raises(ValueError, match="adapts 4 Linears, the attached adapters 2"):
+        lora.load_adapter_state(narrower, lora.adapter_state(trained))
+
+
 def test_lora_file_for_another_model_is_refused_whole():
     model = TwoLayers()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -376,13 +376,19 @@ test_samples.__test__ = False  # not a pytest test
 # --------------------------------------------------------------------------------------------
 
 
-def prompt_text(sample: TaskSample) -> str:
-    """The user message: images, question, and for multiple choice the lettered options."""
-    parts = [sample.context, f"Question: {sample.question}"]
-    if sample.choices is not None:
-        parts.append("Options:\n" + "\n".join(f"{option_letter(i)}. {c}" for i, c in enumerate(sample.choices)))
+def question_text(question: str, choices) -> str:
+    """The question and, for multiple choice, the lettered options: one wording for training and
+    evaluation, so the trained model sees at test time exactly what it learned on."""
+    parts = [f"Question: {question}"]
+    if choices is not None:
+        parts.append("Options:\n" + "\n".join(f"{option_letter(i)}. {c}" for i, c in enumerate(choices)))
         parts.append("Answer with the option's letter.")
     return "\n".join(parts)
+
+
+def prompt_text(sample: TaskSample) -> str:
+    """The user message: images, question, and for multiple choice the lettered options."""
+    return sample.context + "\n" + question_text(sample.question, sample.choices)
 
 
 def build_prompt(sample: TaskSample, processor, system: str | None = None, images=None) -> dict:

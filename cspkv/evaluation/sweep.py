@@ -114,7 +114,7 @@ def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning:
     blank_text = reply(blank_prefill, FULL, 1.0)[0]
     return {"task": item.task, "sample_id": item.sample_id, "length": int(prefill.length), "cells": cells,
             "blank_reply": blank_text, "blank_score": item.score(blank_text),
-            "seconds": round(time.perf_counter() - started, 2)}
+            "seconds": round(time.perf_counter() - started, 4)}
 
 
 def aggregate(records: list[dict], items: list[EvalItem], policies: list[str], budgets: list[float]) -> dict:
@@ -141,7 +141,7 @@ def aggregate(records: list[dict], items: list[EvalItem], policies: list[str], b
     return {"scores": scores, "baselines": baselines,
             "prompts_per_task": dict(Counter(r["task"] for r in records)),
             # compute time of every prompt counted, across resumed runs
-            "sweep_seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
+            "sweep_seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
             "question_types": {item.task: item.question_type for item in items if item.task in totals}}
 
 

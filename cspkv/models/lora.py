@@ -56,6 +56,22 @@ def adapter_state(language_model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_adapter_state(language_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`adapter_state`: copy a stored file back into the attached LoRALinears
+    (to continue training). The file must adapt exactly the wrapped Linears."""
+    modules = dict(language_model.named_modules())
+    wrapped = {name for name, m in modules.items() if isinstance(m, LoRALinear)}
+    stored = {key.rsplit(".", 1)[0] for key in state}
+    if stored != wrapped:
+        raise ValueError(f"the LoRA file adapts {len(stored)} Linears, the attached adapters {len(wrapped)}: "
+                         "attach with the same rank and targets to load it")
+    with torch.no_grad():
+        for name in wrapped:
+            module = modules[name]
+            module.lora_A.copy_(state[f"{name}.lora_A"])
+            module.lora_B.copy_(state[f"{name}.lora_B"] / module.scale)   # the file folds the scale in
+
+
 def detach_adapters(language_model: nn.Module) -> None:
     """Merge every LoRALinear into its base Linear and put the plain Linear back."""
     state = adapter_state(language_model)

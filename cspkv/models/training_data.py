@@ -44,11 +44,7 @@ class Question:
         return self.answer if self.choices is None else self.choices[ord(self.answer) - 65]
 
     def user_text(self) -> str:
-        parts = [f"Question: {self.question}"]
-        if self.choices is not None:
-            parts.append("Options:\n" + "\n".join(f"{ev.option_letter(i)}. {c}" for i, c in enumerate(self.choices)))
-            parts.append("Answer with the option's letter.")
-        return "\n".join(parts)
+        return ev.question_text(self.question, self.choices)
 
 
 @dataclass(frozen=True)
@@ -171,6 +167,7 @@ def conversation_tokens(conversation: Conversation, tokenizer, image_tokens: int
 
     ids: list[int] = []
     supervised: list[bool] = []
+    newline = encode("\n")
     for turn, q in enumerate(conversation.questions):
         user = (conversation.context + "\n" if turn == 0 else "") + q.user_text()
         head = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n" if turn == 0 else "") + \
@@ -181,7 +178,6 @@ def conversation_tokens(conversation: Conversation, tokenizer, image_tokens: int
         answer = encode(q.target + "<|im_end|>")
         ids += answer
         supervised += [True] * len(answer)
-        newline = encode("\n")
         ids += newline
         supervised += [False] * len(newline)
     return ids, supervised
