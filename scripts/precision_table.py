@@ -165,6 +165,34 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def per_task(row) -> dict[str, float]:
+    """Mean score per benchmark task of one row's items."""
+    by_task: dict[str, list[float]] = {}
+    for item in row["items"]:
+        if "task" in item:
+            by_task.setdefault(item["task"], []).append(item["score"])
+    return {task: float(np.mean(scores)) for task, scores in by_task.items()}
+
+
+def task_table(rows) -> str:
+    """Accuracy per task (rows) at each budget and precision (columns), as in the evaluation's table;
+    the last column is the largest loss of any int8/fp16 cell against fp32 at the same budget."""
+    columns = [(r["budget"], r["precision"]) for r in rows]
+    cells = {(r["budget"], r["precision"]): per_task(r) for r in rows}
+    tasks = sorted({t for c in cells.values() for t in c})
+    if not tasks:
+        return ""
+    lines = ["| task | " + " | ".join(f"{b} {p}" for b, p in columns) + " | worst loss vs fp32 |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for task in tasks:
+        losses = [cells[(b, "fp32")][task] - cells[c][task] for c in columns for b in [c[0]]
+                  if c[1] != "fp32" and (b, "fp32") in cells and task in cells[c]]
+        worst = f"{max(losses):+.3f}" if losses else "n/a"
+        lines.append(f"| {task} | " + " | ".join(f"{cells[c].get(task, float('nan')):.3f}" for c in columns)
+                     + f" | {worst} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", choices=["default", "tiny"])
@@ -214,6 +242,7 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(table(rows))
+    print("\n" + task_table(rows))
     print(f"\n{len(prompts)} prompts ({args.n_per_task} per task, <= {args.max_prompt} tokens); JSON: {args.out}")
     return 0
 
