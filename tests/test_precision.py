@@ -323,3 +323,31 @@ def test_cli_exports_fp32_then_converts_to_int8_with_built_in_calibration(tmp_pa
     assert all(p.startswith("tiny-synthetic:") for p in manifest["conversion"]["calibration"]["prompts"])
     ids, pixels = multi_image_prompt(2, seed=1)
     assert len(OnnxPipeline(out).generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=3).tokens) == 3
+
+
+def _precision_table_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "precision_table.py"
+    spec = importlib.util.spec_from_file_location("precision_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precision_task_table_reports_the_worst_loss_against_fp32_at_the_same_budget():
+    table = _precision_table_script()
+
+    def row(budget, precision, scores):
+        items = [{"task": task, "score": s, "tokens": [1]} for task, values in scores.items() for s in values]
+        return {"budget": budget, "precision": precision, "items": items}
+
+    rows = [row(1.0, "fp32", {"a": [1, 1], "b": [0, 1]}), row(1.0, "int8-u8s8", {"a": [1, 0], "b": [1, 1]}),
+            # budget 0.2's fp32 is worse than 1.0's int8: a loss must only be taken within one budget
+            row(0.2, "fp32", {"a": [0, 0], "b": [0, 0]}), row(0.2, "int8-u8s8", {"a": [0, 0], "b": [0, 0]})]
+    assert table.per_task(rows[1]) == {"a": 0.5, "b": 1.0}
+    lines = table.task_table(rows).splitlines()
+    assert lines[0].startswith("| task | 1.0 fp32 | 1.0 int8-u8s8 | 0.2 fp32 | 0.2 int8-u8s8 |")
+    assert lines[2] == "| a | 1.000 | 0.500 | 0.000 | 0.000 | +0.500 |"
+    assert lines[3] == "| b | 0.500 | 1.000 | 0.000 | 0.000 | +0.000 |"
