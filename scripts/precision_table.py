@@ -185,8 +185,8 @@ def task_table(rows) -> str:
     lines = ["| task | " + " | ".join(f"{b} {p}" for b, p in columns) + " | worst loss vs fp32 |",
              "|---|" + "---|" * (len(columns) + 1)]
     for task in tasks:
-        losses = [cells[(b, "fp32")][task] - cells[c][task] for c in columns for b in [c[0]]
-                  if c[1] != "fp32" and (b, "fp32") in cells and task in cells[c]]
+        losses = [cells[(budget, "fp32")][task] - cells[budget, precision][task] for budget, precision in columns
+                  if precision != "fp32" and (budget, "fp32") in cells and task in cells[budget, precision]]
         worst = f"{max(losses):+.3f}" if losses else "n/a"
         lines.append(f"| {task} | " + " | ".join(f"{cells[c].get(task, float('nan')):.3f}" for c in columns)
                      + f" | {worst} |")

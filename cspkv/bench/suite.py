@@ -154,10 +154,11 @@ class Exports:
         return target
 
     def _int8_decode_folder(self, fp32: Path, target: Path) -> None:
-        """INT8 decode graph (QDQ, u8s8 with 7-bit weights: safe on CPUs without VNNI) beside the fp32 vision and prefill
-        graphs. Calibrating prefill at every prompt length takes ~20 min each here, so the bench
-        quantizes the slot-symbolic decode graph once and fixes its slot count per plan; decode
-        latency is what precision changes most, and the table says the prefill stayed fp32."""
+        """INT8 decode graph (QDQ, u8s8 with 7-bit weights: safe on CPUs without VNNI) beside the
+        fp32 vision and prefill graphs. Calibrating prefill at every prompt length takes ~20 min
+        each here, so the bench quantizes the slot-symbolic decode graph once and fixes its slot
+        count per plan; decode latency is what precision changes most, and the table says the
+        prefill stayed fp32."""
         from cspkv.export.exporter import ExportPlan, export_model
         from cspkv.export.manifest import read_manifest, write_manifest
 

@@ -21,10 +21,10 @@ int8 (``onnxruntime.quantization.quantize_static``, QDQ, MinMax): the weight Mat
   stays float32, calibrated on recorded feeds of the fp32 export (:mod:`cspkv.calibration`; the
   ranges are cached beside the calibration set, so both flavours calibrate once). Flavours:
   ``u8s8`` (activations QUInt8 asymmetric, weights QInt8 with reduce_range: on x86 CPUs without
-  VNNI u8s8 saturates, and a graph must give the same answers on every CPU) for ONNX Runtime CPU, and ``s8s8`` (activations and weights QInt8,
-  symmetric: what TensorRT's explicit quantization takes). Kept fp32: ``lm_head``
-  (:data:`INT8_EXCLUDE_MODULES`) and every weight MatMul whose calibrated input exceeds
-  :data:`INT8_OUTLIER_LIMIT` (:func:`outlier_matmuls`; prefill and decode keep the same modules).
+  VNNI u8s8 saturates, and a graph must give the same answers on every CPU) for ONNX Runtime CPU,
+  and ``s8s8`` (activations and weights QInt8, symmetric: what TensorRT's explicit quantization
+  takes). Kept fp32: ``lm_head`` (:data:`INT8_EXCLUDE_MODULES`) and every weight MatMul whose
+  calibrated input exceeds :data:`INT8_OUTLIER_LIMIT` (:func:`outlier_matmuls`; prefill and decode keep the same modules).
 """
 
 from __future__ import annotations

@@ -56,12 +56,17 @@ def adapter_state(language_model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapted_paths(state: dict[str, torch.Tensor]) -> set[str]:
+    """The module paths a stored adapter file names (its keys less ``.lora_A`` / ``.lora_B``)."""
+    return {key.rsplit(".", 1)[0] for key in state}
+
+
 def load_adapter_state(language_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """The inverse of :func:`adapter_state`: copy a stored file back into the attached LoRALinears
     (to continue training). The file must adapt exactly the wrapped Linears."""
     modules = dict(language_model.named_modules())
     wrapped = {name for name, m in modules.items() if isinstance(m, LoRALinear)}
-    stored = {key.rsplit(".", 1)[0] for key in state}
+    stored = adapted_paths(state)
     if stored != wrapped:
         raise ValueError(f"the LoRA file adapts {len(stored)} Linears, the attached adapters {len(wrapped)}: "
                          "attach with the same rank and targets to load it")
@@ -89,7 +94,7 @@ def merge(language_model: nn.Module, state: dict[str, torch.Tensor]) -> int:
     refused with the offending name rather than merged partly.
     """
     modules = dict(language_model.named_modules())
-    paths = sorted({key.rsplit(".", 1)[0] for key in state})
+    paths = sorted(adapted_paths(state))
     updates = []
     for path in paths:
         a, b = state.get(f"{path}.lora_A"), state.get(f"{path}.lora_B")
