@@ -185,7 +185,7 @@ def task_table(rows) -> str:
     lines = ["| task | " + " | ".join(f"{b} {p}" for b, p in columns) + " | worst loss vs fp32 |",
              "|---|" + "---|" * (len(columns) + 1)]
     for task in tasks:
-        losses = [cells[(budget, "fp32")][task] - cells[budget, precision][task] for budget, precision in columns
+        losses = [cells[budget, "fp32"][task] - cells[budget, precision][task] for budget, precision in columns
                   if precision != "fp32" and (budget, "fp32") in cells and task in cells[budget, precision]]
         worst = f"{max(losses):+.3f}" if losses else "n/a"
         lines.append(f"| {task} | " + " | ".join(f"{cells[c].get(task, float('nan')):.3f}" for c in columns)
