@@ -160,8 +160,15 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
                   and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
     plain = [n for n in graph.node if n.op_type == "MatMul" and n not in dq_matmuls]
     assert dq_matmuls and plain                       # attention / scoring MatMuls are not quantized
-    lm_head = [n for n in plain if n.name in manifest["conversion"]["graphs"]["prefill"]["excluded_nodes"]]
+    from cspkv.engines.precision import _module_of
+
+    excluded = set(manifest["conversion"]["graphs"]["prefill"]["excluded_nodes"])
+    lm_head = [n for n in plain if n.name in excluded and _module_of(n) == "lm_head"]
     assert len(lm_head) == 1                          # lm_head stays fp32
+    fp32_graph = onnx.load(str(fp32 / "prefill.onnx")).graph
+    down = {n.name for n in fp32_graph.node if n.op_type == "MatMul" and _module_of(n).endswith(".down_proj")}
+    assert down and down <= set(manifest["conversion"]["graphs"]["prefill"]["excluded_nodes"])
+    assert down <= {n.name for n in plain}            # every MLP down_proj stays fp32
     if flavour == "s8s8":                             # what TensorRT's explicit quantization imports
         from cspkv.export.readiness import check_graph
 
@@ -177,6 +184,47 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
         assert np.abs(got - want).max() < INT8_MAX_REL * np.abs(want).max()
     result = OnnxPipeline(folder).generate(ids, pixels, max_new_tokens=8)
     assert len(result.tokens) == 8
+
+
+def _activation_scales(fp32_graph_path, quantized_graph_path) -> dict[str, float]:
+    """{module: activation scale} of the quantized weight MatMuls of a graph (the scale of the
+    DequantizeLinear that feeds the MatMul's activation input)."""
+    from cspkv.engines.precision import _module_of, weight_matmuls
+
+    fp32_model = onnx.load(str(fp32_graph_path))
+    modules = {n.name: _module_of(n) for n in fp32_model.graph.node if n.name in weight_matmuls(fp32_model)}
+    graph = onnx.load(str(quantized_graph_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    scales = {}
+    for node in graph.node:
+        dequant = producers.get(node.input[0]) if node.name in modules else None
+        if dequant is not None and dequant.op_type == "DequantizeLinear":
+            scales[modules[node.name]] = float(onnx.numpy_helper.to_array(inits[dequant.input[1]]))
+    return scales
+
+
+def test_int8_widened_decode_ranges_cover_prefill_ranges_of_the_same_module(fp32, converted, calib_cache,
+                                                                              tmp_path):
+    """Decode is calibrated on a few single-token steps. With widen_decode each of its activation ranges
+    is widened to the prefill range of the same module, so no decode scale is narrower than prefill's;
+    by default (off) some are."""
+    from cspkv.calibration import build_calibration_set
+    from cspkv.engines.precision import quantize_int8
+
+    plain = converted["int8-u8s8"]
+    assert "decode_inputs_widened" not in read_manifest(plain)["conversion"]
+    prefill = _activation_scales(fp32 / "prefill.onnx", plain / "prefill.onnx")
+    narrow = _activation_scales(fp32 / "decode.onnx", plain / "decode.onnx")
+    shared = sorted(set(prefill) & set(narrow))
+    assert len(shared) >= 4 and len(shared) == len(narrow)
+    assert any(narrow[m] < prefill[m] * (1 - 1e-3) for m in shared)
+    widened = tmp_path / "widened"
+    quantize_int8(fp32, widened, "u8s8", build_calibration_set(fp32, "auto"), widen_decode=True)
+    assert read_manifest(widened)["conversion"]["decode_inputs_widened"] > 0
+    decode = _activation_scales(fp32 / "decode.onnx", widened / "decode.onnx")
+    assert set(decode) == set(narrow)
+    assert all(decode[m] >= prefill[m] * (1 - 1e-6) for m in shared)
 
 
 # --- calibration ---------------------------------------------------------------------------------------

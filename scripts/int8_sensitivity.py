@@ -1,0 +1,133 @@
+"""Which module group's INT8 error changes the default model's answers (ONNX Runtime, CPU).
+
+    python scripts/int8_sensitivity.py --fp32 ~/.cache/cspkv/precision-table/default/budget-1.0-fp32 --widen
+
+For each group (none, the vision graph, each projection type of the decoder: q/k/v/o/gate/up/down_proj,
+and decode's widened ranges switched off), quantize the fp32 export to INT8 with that group kept fp32
+(everything else as convert_export does it, except that every projection type starts int8 and --widen
+widens decode's ranges to prefill's; the cached calibration set and ranges are reused), then
+greedy-decode held-out TRAIN prompts (a calibration seed of their own; never the test split, so the
+choice cannot be tuned on the scored prompts) and compare with fp32: the share of prompts whose
+generated tokens are all identical, and the mean number of leading tokens that agree. Prints a table
+and writes JSON after each group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GROUPS = ("none", "vision", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+          "no-widening")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def group_nodes(fp32: Path, group: str) -> list[str]:
+    """Weight MatMul nodes of prefill and decode traced from modules named ``*.<group>``."""
+    import onnx
+
+    from cspkv.engines.precision import _module_of, weight_matmuls
+
+    names = []
+    for role in ("prefill", "decode"):
+        model = onnx.load(str(fp32 / f"{role}.onnx"), load_external_data=False)
+        matmuls = weight_matmuls(model)
+        names += [n.name for n in model.graph.node if n.name in matmuls and _module_of(n).endswith("." + group)]
+    return names
+
+
+def generate(folder: Path, prompts, max_new_tokens: int, eos) -> list[list[int]]:
+    from cspkv.engines.onnx_runtime import OrtEngine
+    from cspkv.runtime.pipeline import OnnxPipeline
+
+    pipeline = OnnxPipeline(OrtEngine(folder))
+    return [pipeline.generate(p.input_ids, p.pixel_values, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              keep_logits=False).tokens for p in prompts]
+
+
+def agreement(tokens, reference) -> dict:
+    prefixes = []
+    for got, want in zip(tokens, reference):
+        n = 0
+        while n < min(len(got), len(want)) and got[n] == want[n]:
+            n += 1
+        prefixes.append(n)
+    return {"all_tokens_equal": float(np.mean([a == b for a, b in zip(tokens, reference)])),
+            "mean_agreeing_prefix": float(np.mean(prefixes))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fp32", type=Path, required=True, help="an fp32 export folder of the default model")
+    parser.add_argument("--flavour", default="u8s8", choices=["u8s8", "s8s8"])
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS),
+                        help=f"groups, or several joined by '+' (e.g. down_proj+no-widening): {', '.join(GROUPS)}")
+    parser.add_argument("--widen", action="store_true", help="widen decode's ranges in every row (widen_decode)")
+    parser.add_argument("--n-prompts", type=int, default=16)
+    parser.add_argument("--tasks", nargs="+", default=["text_needle", "describe"])
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("results/int8_sensitivity.json"))
+    args = parser.parse_args(argv)
+    for group in args.groups:
+        unknown = [part for part in group.split("+") if part not in GROUPS]
+        if unknown:
+            parser.error(f"unknown group {', '.join(unknown)}: choose from {', '.join(GROUPS)}")
+
+    from cspkv.calibration import CALIBRATION_SEED, train_prompts
+    from cspkv.engines.precision import quantize_int8, resolve_calibration
+    from cspkv.export.exporter import load_processor
+    from cspkv.export.manifest import read_manifest
+
+    manifest = read_manifest(args.fp32, verify_hashes=False)
+    processor = load_processor(args.fp32, manifest)
+    prompts = train_prompts(processor, args.n_prompts, manifest["plan"]["max_prompt"], seed=CALIBRATION_SEED + 1,
+                            tasks=args.tasks)
+    eos = getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)
+    calibration = resolve_calibration(args.fp32, "auto", log)
+    start = time.perf_counter()
+    reference = generate(args.fp32, prompts, args.max_new_tokens, eos)
+    log(f"fp32: {len(prompts)} held-out train prompts in {time.perf_counter() - start:.0f} s")
+    result = {"command": " ".join(["python", "scripts/int8_sensitivity.py", *(argv or sys.argv[1:])]),
+              "fp32": str(args.fp32), "flavour": args.flavour, "widen_decode_base": args.widen, "prompts": [p.source for p in prompts],
+              "machine": "see README (2-core CPU, ONNX Runtime CPU)", "rows": []}
+    for group in args.groups:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="cspkv-sensitivity-") as tmp:
+            folder = Path(tmp) / group
+            kwargs = {"nodes_to_exclude": [], "exclude_module_types": (), "widen_decode": args.widen}
+            for part in group.split("+"):
+                if part == "vision":
+                    kwargs["roles"] = ("prefill", "decode")
+                elif part == "no-widening":
+                    kwargs["widen_decode"] = False
+                elif part != "none":
+                    kwargs["nodes_to_exclude"] += group_nodes(args.fp32, part)
+            quantize_int8(args.fp32, folder, args.flavour, calibration, **kwargs)
+            tokens = generate(folder, prompts, args.max_new_tokens, eos)
+        row = {"fp32_group": group, **agreement(tokens, reference), "tokens": tokens,
+               "seconds": round(time.perf_counter() - start, 1)}
+        result["rows"].append(row)
+        log(f"{group}: all tokens = fp32 {row['all_tokens_equal']:.2f}, agreeing prefix "
+            f"{row['mean_agreeing_prefix']:.2f} ({row['seconds']} s)")
+        result["reference_tokens"] = reference
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print("| kept fp32 | all tokens = fp32 | mean agreeing prefix (of %d) |" % args.max_new_tokens)
+    print("|---|---|---|")
+    for row in result["rows"]:
+        print(f"| {row['fp32_group']} | {row['all_tokens_equal']:.2f} | {row['mean_agreeing_prefix']:.2f} |")
+    print(f"{len(prompts)} held-out train prompts ({', '.join(args.tasks)}); JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
