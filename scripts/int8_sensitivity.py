@@ -31,20 +31,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def group_nodes(fp32: Path, group: str) -> list[str]:
-    """Weight MatMul nodes of prefill and decode traced from modules named ``*.<group>``."""
-    import onnx
-
-    from cspkv.engines.precision import _module_of, weight_matmuls
-
-    names = []
-    for role in ("prefill", "decode"):
-        model = onnx.load(str(fp32 / f"{role}.onnx"), load_external_data=False)
-        matmuls = weight_matmuls(model)
-        names += [n.name for n in model.graph.node if n.name in matmuls and _module_of(n).endswith("." + group)]
-    return names
-
-
 def generate(folder: Path, prompts, max_new_tokens: int, eos) -> list[list[int]]:
     from cspkv.engines.onnx_runtime import OrtEngine
     from cspkv.runtime.pipeline import OnnxPipeline
@@ -98,19 +84,19 @@ def main(argv=None) -> int:
     log(f"fp32: {len(prompts)} held-out train prompts in {time.perf_counter() - start:.0f} s")
     result = {"command": " ".join(["python", "scripts/int8_sensitivity.py", *(argv or sys.argv[1:])]),
               "fp32": str(args.fp32), "flavour": args.flavour, "widen_decode_base": args.widen, "prompts": [p.source for p in prompts],
-              "machine": "see README (2-core CPU, ONNX Runtime CPU)", "rows": []}
+              "machine": "see README (2-core CPU, ONNX Runtime CPU)", "reference_tokens": reference, "rows": []}
     for group in args.groups:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="cspkv-sensitivity-") as tmp:
             folder = Path(tmp) / group
-            kwargs = {"nodes_to_exclude": [], "exclude_module_types": (), "widen_decode": args.widen}
+            kwargs = {"exclude_module_types": (), "widen_decode": args.widen}
             for part in group.split("+"):
                 if part == "vision":
                     kwargs["roles"] = ("prefill", "decode")
                 elif part == "no-widening":
                     kwargs["widen_decode"] = False
                 elif part != "none":
-                    kwargs["nodes_to_exclude"] += group_nodes(args.fp32, part)
+                    kwargs["exclude_module_types"] += (part,)
             quantize_int8(args.fp32, folder, args.flavour, calibration, **kwargs)
             tokens = generate(folder, prompts, args.max_new_tokens, eos)
         row = {"fp32_group": group, **agreement(tokens, reference), "tokens": tokens,
@@ -118,7 +104,6 @@ def main(argv=None) -> int:
         result["rows"].append(row)
         log(f"{group}: all tokens = fp32 {row['all_tokens_equal']:.2f}, agreeing prefix "
             f"{row['mean_agreeing_prefix']:.2f} ({row['seconds']} s)")
-        result["reference_tokens"] = reference
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     print("| kept fp32 | all tokens = fp32 | mean agreeing prefix (of %d) |" % args.max_new_tokens)

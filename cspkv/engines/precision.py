@@ -141,6 +141,15 @@ def module_nodes(model: onnx.ModelProto, modules, op_types=("MatMul", "Gemm")) -
     return names
 
 
+def module_type_nodes(model: onnx.ModelProto, types, op_types=("MatMul", "Gemm")) -> list[str]:
+    """Names of the ``op_types`` nodes traced from a module whose last path component is one of
+    ``types`` (e.g. "down_proj": every ``text.layers.<i>.mlp.down_proj``)."""
+    suffixes = tuple("." + t for t in types)
+    if not suffixes:
+        return []
+    return [node.name for node in model.graph.node if node.op_type in op_types and _module_of(node).endswith(suffixes)]
+
+
 def norm_nodes(model: onnx.ModelProto, suffixes=FP16_BLOCK_MODULE_SUFFIXES) -> list[str]:
     """Names of the nodes traced from a module whose last path component ends with a suffix
     (``text.layers.3.input_layernorm``, ``text.norm``)."""
@@ -445,8 +454,8 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
                   exclude_module_types=INT8_EXCLUDE_MODULE_TYPES, widen_decode: bool = False, progress: Callable[[str], None] = lambda message: None) -> dict:
     """QDQ INT8 of the weight MatMuls of each graph in ``roles`` (the others are copied as fp32),
     calibrated with ``calibration`` (a :class:`cspkv.calibration.CalibrationSet`). Kept fp32: the
-    MatMuls of ``exclude_modules``, of the modules whose name ends with ``.<type>`` for a type in
-    ``exclude_module_types``, ``nodes_to_exclude``, and those whose calibrated input exceeds
+    MatMuls of ``exclude_modules``, of the decoder's modules whose name ends with ``.<type>`` for a type
+    in ``exclude_module_types``, ``nodes_to_exclude``, and those whose calibrated input exceeds
     ``outlier_limit`` (None: none). ``widen_decode``: decode's activation ranges also cover prefill's
     for the same module (:func:`widen_decode_ranges`; off by default: on the held-out train prompts it
     gave fewer fp32-identical answers, 12 of 16 against 14)."""
@@ -482,16 +491,18 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
             ranges = calibrate_ranges(src / name, reader, cache)
             outliers = outlier_matmuls(model, ranges, outlier_limit) if outlier_limit is not None else {}
             modules = {n.name: _module_of(n) for n in model.graph.node}
-            plans[role] = [model, reader, cache, outliers, modules, time.perf_counter() - start, ranges]
+            plans[role] = {"model": model, "reader": reader, "cache": cache, "outliers": outliers,
+                           "modules": modules, "seconds": time.perf_counter() - start, "ranges": ranges}
         if widen_decode and "prefill" in plans and "decode" in plans:
             from onnxruntime.quantization.calibrate import save_tensors_data
 
-            merged, widened = widen_decode_ranges(plans["prefill"][0], plans["prefill"][6], plans["decode"][0],
-                                                  plans["decode"][6])
-            plans["decode"][2] = Path(scratch) / "decode-widened.json"
-            save_tensors_data(merged, plans["decode"][2])
+            prefill, decode = plans["prefill"], plans["decode"]
+            merged, widened = widen_decode_ranges(prefill["model"], prefill["ranges"], decode["model"], decode["ranges"])
+            decode["cache"] = Path(scratch) / "decode-widened.json"
+            save_tensors_data(merged, decode["cache"])
             conversion["decode_inputs_widened"] = widened
-        shared = {plans[r][4].get(n) for r in ("prefill", "decode") if r in plans for n in plans[r][3]} - {"", None}
+        shared = {plans[r]["modules"].get(n) for r in ("prefill", "decode") if r in plans
+                  for n in plans[r]["outliers"]} - {"", None}
         # pass 2: quantize
         for role, name in manifest["graphs"].items():
             if role not in plans:
@@ -500,10 +511,12 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
                 continue
             progress(f"int8 ({flavour}): quantizing {role} graph")
             start = time.perf_counter()
-            model, reader, cache, outliers, modules, seconds, _ = plans[role]
-            followed = set(module_nodes(model, sorted(shared))) if role in ("prefill", "decode") else set()
-            typed = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
-                     and _module_of(n).endswith(tuple("." + t for t in exclude_module_types))}
+            plan = plans[role]
+            model, reader, cache, outliers, modules = (plan[k] for k in ("model", "reader", "cache", "outliers", "modules"))
+            decoder = role in ("prefill", "decode")
+            followed = set(module_nodes(model, sorted(shared))) if decoder else set()
+            # module types name the decoder's projections (the vision tower has its own q/k/v/o_proj)
+            typed = set(module_type_nodes(model, exclude_module_types)) if decoder else set()
             excluded = sorted(set(module_nodes(model, exclude_modules)) | set(nodes_to_exclude) | set(outliers)
                               | followed | typed)
             quantize_static(str(src / name), str(dst / name), reader, quant_format=QuantFormat.QDQ,
@@ -518,7 +531,7 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
                 "outliers_fp32": {modules.get(n) or n: peak for n, peak in outliers.items()},
                 "fp32_modules": sorted({modules.get(n) or n for n in excluded}),
                 "feeds": len(reader), "dequantize_nodes": quantized,
-                "seconds": round(seconds + time.perf_counter() - start, 2)}
+                "seconds": round(plan["seconds"] + time.perf_counter() - start, 2)}
     return _finish(src, dst, manifest, precision, conversion)
 
 
