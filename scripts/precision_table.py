@@ -95,7 +95,7 @@ def benchmark_prompts(model_name: str, args, fp32: Path):
 
     processor = load_processor(fp32, read_manifest(fp32, verify_hashes=False))
     prompts = []
-    for task in tasks.TASKS:
+    for task in args.tasks or tasks.TASKS:
         kept = 0
         for sample in tasks.test_samples(task):
             inputs = tasks.build_prompt(sample, processor)
@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--n-per-task", type=int, default=2, help="test prompts per task (6 tasks)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="benchmark tasks to run (default: all six); e.g. more prompts of one noisy task")
     parser.add_argument("--max-prompt", type=int, default=1536, help="export P_max; longer prompts are skipped")
     parser.add_argument("--decode-slots", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=8)
@@ -207,6 +209,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/precision.json"))
     parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
     args = parser.parse_args(argv)
+    if args.tasks and args.model != "tiny":
+        from cspkv.evaluation.easyvqa_tasks import TASKS
+
+        unknown = sorted(set(args.tasks) - set(TASKS))
+        if unknown:
+            parser.error(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
     if "fp32" not in args.precisions:
         args.precisions = ["fp32", *args.precisions]   # the agreement column needs it
     work = args.work or Path.home() / ".cache" / "cspkv" / "precision-table" / args.model
@@ -235,7 +243,8 @@ def main(argv=None) -> int:
             payload = {"model": args.model, "selection": {
                 "prompts": "easy-VQA test_samples(task) in order, first N per task with <= max_prompt tokens"
                            if args.model != "tiny" else "tiny synthetic multi_image_prompt",
-                "n_per_task": args.n_per_task, "max_prompt": args.max_prompt, "ids": [p[0] for p in prompts]},
+                "n_per_task": args.n_per_task, "tasks": args.tasks or "all", "max_prompt": args.max_prompt,
+                "ids": [p[0] for p in prompts]},
                 "settings": {"decode_slots": args.decode_slots, "max_new_tokens": args.max_new_tokens,
                              "threads": args.threads, "runtime": "onnxruntime CPUExecutionProvider"},
                 "rows": rows, "seconds": round(time.perf_counter() - started, 1) + previous.get("seconds", 0)}

@@ -230,13 +230,30 @@ def test_int8_widened_decode_ranges_cover_prefill_ranges_of_the_same_module(fp32
 
 # --- calibration ---------------------------------------------------------------------------------------
 
+def test_decode_feed_prompts_are_spread_over_every_task():
+    from cspkv.calibration.data import decode_feed_prompts
+    from cspkv.evaluation.easyvqa_tasks import TASKS
+
+    chosen = decode_feed_prompts(16, 12)
+    assert len(chosen) == 12 and chosen[0] == 0 and chosen[-1] == 15 and chosen == sorted(set(chosen))
+    # the default set cycles through the tasks: every task gives decode feeds
+    assert {TASKS[i % len(TASKS)] for i in chosen} == set(TASKS)
+    assert decode_feed_prompts(8, 4) == [0, 2, 5, 7]
+    assert decode_feed_prompts(3, 10) == [0, 1, 2]
+    assert decode_feed_prompts(0, 4) == [] and decode_feed_prompts(5, 0) == []
+
+
 def test_calibration_reader_yields_each_graphs_inputs(fp32, calib_cache):
     import onnxruntime as ort
 
     manifest = read_manifest(fp32)
     calib = build_calibration_set(fp32)
     assert calib.meta["settings"]["source"] == "tiny-synthetic"
-    assert 0 < len(calib.feeds["decode"]) <= calib.meta["settings"]["decode_feeds"]
+    settings = calib.meta["settings"]
+    assert 0 < len(calib.feeds["decode"]) <= settings["decode_feeds"]
+    # the decode feeds come from prompts spread over the set, the last one included
+    assert len(calib.meta["decode_feed_prompts"]) == len(calib.feeds["decode"])
+    assert calib.meta["decode_feed_prompts"][-1] == calib.meta["prompts"][-1]
     for role in ("vision", "prefill", "decode"):
         session = ort.InferenceSession(str(fp32 / f"{role}.onnx"), providers=["CPUExecutionProvider"])
         reader = calib.reader(role, manifest)

@@ -32,7 +32,8 @@ from cspkv.calibration.prompts import (
     train_prompts,
 )
 
-CALIBRATION_VERSION = 1
+# 2: decode feeds spread evenly over the prompts (1 took them from the first prompts only)
+CALIBRATION_VERSION = 2
 ROLES = ("vision", "prefill", "decode")
 META = "meta.json"
 
@@ -53,7 +54,10 @@ class CalibrationSettings:
     source: str                 # easyvqa-train | tiny-synthetic | custom
     n_prompts: int = 16
     decode_steps: int = 4       # decode steps run per prompt (the first ones are recorded)
-    decode_feeds: int = 4       # decode feeds kept in all (each holds the whole cache)
+    # decode feeds kept in all (each holds the whole cache: ~72 MB at the default P_max); 12 of the 16
+    # prompts cover each task's answer tokens twice (4, all from multiple-choice prompts, left the
+    # describe and text-needle answers' decode ranges uncalibrated)
+    decode_feeds: int = 12
     seed: int = CALIBRATION_SEED
 
 
@@ -179,12 +183,23 @@ class CalibrationSet:
         return cls(feeds, meta, folder)
 
 
+def decode_feed_prompts(n_prompts: int, decode_feeds: int) -> list[int]:
+    """Indices of the prompts that each give one decode feed: ``decode_feeds`` of them, evenly spaced
+    from the first to the last prompt (the prompts cycle through the tasks, so every task's answer
+    tokens are seen)."""
+    if n_prompts <= 0 or decode_feeds <= 0:
+        return []
+    if decode_feeds >= n_prompts:
+        return list(range(n_prompts))
+    return sorted({int(round(i)) for i in np.linspace(0, n_prompts - 1, decode_feeds)})
+
+
 def record_calibration_set(fp32_folder: str | Path, prompts: list[CalibrationPrompt], out: str | Path | None = None,
-                           decode_steps: int = 4, decode_feeds: int = 4, settings: CalibrationSettings | None = None,
+                           decode_steps: int = 4, decode_feeds: int = 12, settings: CalibrationSettings | None = None,
                            progress: Callable[[str], None] = lambda message: None) -> CalibrationSet:
     """Runs ``prompts`` through the fp32 export and records each graph's feeds (saved to ``out``
-    when given). Decode feeds: the first ``decode_steps - 1`` steps of each prompt, at most
-    ``decode_feeds`` in all, spread over the prompts."""
+    when given). Decode feeds: one of the first ``decode_steps - 1`` steps (varying) of each of
+    ``decode_feeds`` prompts spread over the list (:func:`decode_feed_prompts`)."""
     from cspkv.engines.onnx_runtime import OrtEngine
 
     if not prompts:
@@ -193,16 +208,21 @@ def record_calibration_set(fp32_folder: str | Path, prompts: list[CalibrationPro
     if engine.precision != "fp32":
         raise CalibrationError(f"{fp32_folder} is a {engine.precision} export: calibrate on the fp32 export")
     recorder = _Recorder(engine, decode_feeds)
+    chosen = set(decode_feed_prompts(len(prompts), decode_feeds))
+    decode_sources = []
     for index, prompt in enumerate(prompts):
         progress(f"calibration prompt {index + 1}/{len(prompts)} ({len(prompt.input_ids)} tokens)")
-        # one decode feed per prompt at a step that varies with the prompt, until enough are kept
-        recorder.decode_step_to_keep = 1 + index % max(1, decode_steps - 1)
+        # one decode feed from each chosen prompt, at a step that varies with the prompt (0: none)
+        recorder.decode_step_to_keep = 1 + index % max(1, decode_steps - 1) if index in chosen else 0
+        before = len(recorder.feeds["decode"])
         recorder.pipeline.generate(prompt.input_ids, prompt.pixel_values, max_new_tokens=decode_steps,
                                    keep_logits=False)
+        if len(recorder.feeds["decode"]) > before:
+            decode_sources.append(prompt.source)
     settings = settings or CalibrationSettings("custom", len(prompts), decode_steps, decode_feeds)
     meta = {"version": CALIBRATION_VERSION, "export": str(Path(fp32_folder).resolve()),
             "fingerprint": engine.manifest["model"]["fingerprint"], "settings": asdict(settings),
-            "prompts": [p.source for p in prompts],
+            "prompts": [p.source for p in prompts], "decode_feed_prompts": decode_sources,
             "counts": {role: len(recorder.feeds[role]) for role in ROLES}}
     result = CalibrationSet(recorder.feeds, meta)
     if out is not None:
