@@ -3,7 +3,7 @@
     python scripts/int8_sensitivity.py --fp32 ~/.cache/cspkv/precision-table/default/budget-1.0-fp32 --widen
 
 For each group (none, the vision graph, each projection type of the decoder: q/k/v/o/gate/up/down_proj,
-and decode's widened ranges switched off), quantize the fp32 export to INT8 with that group kept fp32
+decode's widened ranges switched off, and "smooth": SmoothQuant with --smooth-alpha), quantize the fp32 export to INT8 with that group kept fp32
 (everything else as convert_export does it, except that every projection type starts int8 and --widen
 widens decode's ranges to prefill's; the cached calibration set and ranges are reused), then
 greedy-decode held-out TRAIN prompts (a calibration seed of their own; never the test split, so the
@@ -24,20 +24,35 @@ from pathlib import Path
 import numpy as np
 
 GROUPS = ("none", "vision", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-          "no-widening")
+          "no-widening", "smooth")
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def generate(folder: Path, prompts, max_new_tokens: int, eos) -> list[list[int]]:
+def generate(folder: Path, prompts, max_new_tokens: int, eos) -> tuple[list[list[int]], list[np.ndarray]]:
+    """(generated tokens, first-token logits) of each prompt."""
     from cspkv.engines.onnx_runtime import OrtEngine
     from cspkv.runtime.pipeline import OnnxPipeline
 
     pipeline = OnnxPipeline(OrtEngine(folder))
-    return [pipeline.generate(p.input_ids, p.pixel_values, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              keep_logits=False).tokens for p in prompts]
+    tokens, first = [], []
+    for p in prompts:
+        result = pipeline.generate(p.input_ids, p.pixel_values, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        tokens.append(result.tokens)
+        first.append(np.asarray(result.logits[0], dtype=np.float64).ravel())
+    return tokens, first
+
+
+def first_token_kl(logits, reference) -> float:
+    """Mean KL(fp32 || int8) of the first generated token's distribution: finer than token equality."""
+    values = []
+    for got, want in zip(logits, reference):
+        log_p = want - want.max() - np.log(np.exp(want - want.max()).sum())
+        log_q = got - got.max() - np.log(np.exp(got - got.max()).sum())
+        values.append(float(np.sum(np.exp(log_p) * (log_p - log_q))))
+    return float(np.mean(values))
 
 
 def agreement(tokens, reference) -> dict:
@@ -58,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", nargs="+", default=list(GROUPS),
                         help=f"groups, or several joined by '+' (e.g. down_proj+no-widening): {', '.join(GROUPS)}")
     parser.add_argument("--widen", action="store_true", help="widen decode's ranges in every row (widen_decode)")
+    parser.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant alpha of the 'smooth' group")
     parser.add_argument("--n-prompts", type=int, default=16)
     parser.add_argument("--tasks", nargs="+", default=["text_needle", "describe"])
     parser.add_argument("--max-new-tokens", type=int, default=8)
@@ -80,7 +96,7 @@ def main(argv=None) -> int:
     eos = getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)
     calibration = resolve_calibration(args.fp32, "auto", log)
     start = time.perf_counter()
-    reference = generate(args.fp32, prompts, args.max_new_tokens, eos)
+    reference, reference_logits = generate(args.fp32, prompts, args.max_new_tokens, eos)
     log(f"fp32: {len(prompts)} held-out train prompts in {time.perf_counter() - start:.0f} s")
     result = {"command": " ".join(["python", "scripts/int8_sensitivity.py", *(argv or sys.argv[1:])]),
               "fp32": str(args.fp32), "flavour": args.flavour, "widen_decode_base": args.widen, "prompts": [p.source for p in prompts],
@@ -95,21 +111,26 @@ def main(argv=None) -> int:
                     kwargs["roles"] = ("prefill", "decode")
                 elif part == "no-widening":
                     kwargs["widen_decode"] = False
+                elif part == "smooth":
+                    kwargs["smooth_alpha"] = args.smooth_alpha
                 elif part != "none":
                     kwargs["exclude_module_types"] += (part,)
             quantize_int8(args.fp32, folder, args.flavour, calibration, **kwargs)
-            tokens = generate(folder, prompts, args.max_new_tokens, eos)
-        row = {"fp32_group": group, **agreement(tokens, reference), "tokens": tokens,
+            tokens, logits = generate(folder, prompts, args.max_new_tokens, eos)
+        row = {"fp32_group": group, **agreement(tokens, reference),
+               "first_token_kl": first_token_kl(logits, reference_logits), "tokens": tokens,
                "seconds": round(time.perf_counter() - start, 1)}
         result["rows"].append(row)
         log(f"{group}: all tokens = fp32 {row['all_tokens_equal']:.2f}, agreeing prefix "
-            f"{row['mean_agreeing_prefix']:.2f} ({row['seconds']} s)")
+            f"{row['mean_agreeing_prefix']:.2f}, first-token KL {row['first_token_kl']:.4f} ({row['seconds']} s)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    print("| kept fp32 | all tokens = fp32 | mean agreeing prefix (of %d) |" % args.max_new_tokens)
-    print("|---|---|---|")
+    print("| kept fp32 | all tokens = fp32 | mean agreeing prefix (of %d) | first-token KL |" % args.max_new_tokens)
+    print("|---|---|---|---|")
     for row in result["rows"]:
-        print(f"| {row['fp32_group']} | {row['all_tokens_equal']:.2f} | {row['mean_agreeing_prefix']:.2f} |")
+        kl = row.get("first_token_kl")
+        print(f"| {row['fp32_group']} | {row['all_tokens_equal']:.2f} | {row['mean_agreeing_prefix']:.2f} "
+              f"| {'n/a' if kl is None else f'{kl:.4f}'} |")
     print(f"{len(prompts)} held-out train prompts ({', '.join(args.tasks)}); JSON: {args.out}")
     return 0
 

@@ -451,14 +451,17 @@ def outlier_matmuls(model: onnx.ModelProto, ranges, limit: float = INT8_OUTLIER_
 def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, force: bool = False,
                   exclude_modules=INT8_EXCLUDE_MODULES, nodes_to_exclude=(), per_channel: bool = True,
                   outlier_limit: float | None = INT8_OUTLIER_LIMIT, roles=("vision", "prefill", "decode"),
-                  exclude_module_types=INT8_EXCLUDE_MODULE_TYPES, widen_decode: bool = False, progress: Callable[[str], None] = lambda message: None) -> dict:
+                  exclude_module_types=INT8_EXCLUDE_MODULE_TYPES, widen_decode: bool = False,
+                  smooth_alpha: float | None = None, progress: Callable[[str], None] = lambda message: None) -> dict:
     """QDQ INT8 of the weight MatMuls of each graph in ``roles`` (the others are copied as fp32),
     calibrated with ``calibration`` (a :class:`cspkv.calibration.CalibrationSet`). Kept fp32: the
     MatMuls of ``exclude_modules``, of the decoder's modules whose name ends with ``.<type>`` for a type
     in ``exclude_module_types``, ``nodes_to_exclude``, and those whose calibrated input exceeds
     ``outlier_limit`` (None: none). ``widen_decode``: decode's activation ranges also cover prefill's
     for the same module (:func:`widen_decode_ranges`; off by default: on the held-out train prompts it
-    gave fewer fp32-identical answers, 12 of 16 against 14)."""
+    gave fewer fp32-identical answers, 12 of 16 against 14). ``smooth_alpha``: SmoothQuant the
+    decoder's quantized MatMuls first (:mod:`cspkv.engines.smoothing`; per-channel activation peaks
+    from the same calibration feeds; None: off)."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
@@ -474,6 +477,7 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
                   "extra_options": options["extra_options"], "calibrate_method": "MinMax",
                   "exclude_modules": list(exclude_modules), "outlier_limit": outlier_limit,
                   "exclude_module_types": list(exclude_module_types), "widen_decode_ranges": widen_decode,
+                  "smooth_alpha": smooth_alpha,
                   "calibration": calibration.meta, "graphs": {}}
     with tempfile.TemporaryDirectory(prefix="cspkv-ranges-") as scratch:
         # pass 1: ranges and outliers of every graph; prefill and decode share the decoder's weights, so
@@ -487,12 +491,18 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
             start = time.perf_counter()
             model = onnx.load(str(src / name))
             reader = calibration.reader(role, manifest)
-            cache = calibration.ranges_cache(role, manifest["files"][name]["sha256"]) or Path(scratch) / f"{role}.json"
-            ranges = calibrate_ranges(src / name, reader, cache)
+            path, sha, smoothing = src / name, manifest["files"][name]["sha256"], None
+            if smooth_alpha is not None and role in ("prefill", "decode"):
+                path, smoothing = _smoothed(model, role, reader, smooth_alpha, exclude_modules,
+                                            exclude_module_types, Path(scratch))
+                model, sha = onnx.load(str(path)), file_sha256(path)
+            cache = calibration.ranges_cache(role, sha) or Path(scratch) / f"{role}.json"
+            ranges = calibrate_ranges(path, reader, cache)
             outliers = outlier_matmuls(model, ranges, outlier_limit) if outlier_limit is not None else {}
             modules = {n.name: _module_of(n) for n in model.graph.node}
-            plans[role] = {"model": model, "reader": reader, "cache": cache, "outliers": outliers,
-                           "modules": modules, "seconds": time.perf_counter() - start, "ranges": ranges}
+            plans[role] = {"model": model, "reader": reader, "cache": cache, "outliers": outliers, "path": path,
+                           "smoothing": smoothing, "modules": modules, "seconds": time.perf_counter() - start,
+                           "ranges": ranges}
         if widen_decode and "prefill" in plans and "decode" in plans:
             from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -519,7 +529,7 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
             typed = set(module_type_nodes(model, exclude_module_types)) if decoder else set()
             excluded = sorted(set(module_nodes(model, exclude_modules)) | set(nodes_to_exclude) | set(outliers)
                               | followed | typed)
-            quantize_static(str(src / name), str(dst / name), reader, quant_format=QuantFormat.QDQ,
+            quantize_static(str(plan["path"]), str(dst / name), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                             reduce_range=options["reduce_range"], activation_type=options["activation_type"],
                             weight_type=options["weight_type"], nodes_to_exclude=excluded,
@@ -530,9 +540,25 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
                 "quantized": True, "weight_matmuls": len(weight_matmuls(model)), "excluded_nodes": excluded,
                 "outliers_fp32": {modules.get(n) or n: peak for n, peak in outliers.items()},
                 "fp32_modules": sorted({modules.get(n) or n for n in excluded}),
-                "feeds": len(reader), "dequantize_nodes": quantized,
+                "feeds": len(reader), "dequantize_nodes": quantized, "smoothing": plan["smoothing"],
                 "seconds": round(plan["seconds"] + time.perf_counter() - start, 2)}
     return _finish(src, dst, manifest, precision, conversion)
+
+
+def _smoothed(model, role, reader, alpha, exclude_modules, exclude_module_types, scratch: Path):
+    """SmoothQuant of the decoder graph ``model``'s MatMuls that will be quantized (the excluded
+    modules and types stay as they are), saved under ``scratch``: (path, info)."""
+    from cspkv.engines.smoothing import activation_channel_peaks, smooth_graph, smoothing_groups
+
+    skip = set(module_nodes(model, exclude_modules)) | set(module_type_nodes(model, exclude_module_types))
+    groups = smoothing_groups(model, skip)
+    reader.rewind()
+    peaks = activation_channel_peaks(model, iter(reader.get_next, None), groups)
+    reader.rewind()
+    smoothed, info = smooth_graph(model, peaks, alpha, groups)
+    path = scratch / f"{role}-smoothed.onnx"
+    onnx.save(smoothed, str(path))
+    return path, info
 
 
 # ---- entry point -----------------------------------------------------------------------------
