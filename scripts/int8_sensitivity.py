@@ -3,7 +3,8 @@
     python scripts/int8_sensitivity.py --fp32 ~/.cache/cspkv/precision-table/default/budget-1.0-fp32 --widen
 
 For each group (none, the vision graph, each projection type of the decoder: q/k/v/o/gate/up/down_proj,
-decode's widened ranges switched off, and "smooth": SmoothQuant with --smooth-alpha), quantize the fp32 export to INT8 with that group kept fp32
+the decode graph, decode's widened ranges switched off, "layers:A-B": those decoder layers, and
+"smooth": SmoothQuant with --smooth-alpha), quantize the fp32 export to INT8 with that group kept fp32
 (everything else as convert_export does it, except that every projection type starts int8 and --widen
 widens decode's ranges to prefill's; the cached calibration set and ranges are reused), then
 greedy-decode held-out TRAIN prompts (a calibration seed of their own; never the test split, so the
@@ -23,12 +24,31 @@ from pathlib import Path
 
 import numpy as np
 
-GROUPS = ("none", "vision", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-          "no-widening", "smooth")
+GROUPS = ("none", "vision", "decode", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+          "no-widening", "smooth", "layers:A-B")
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _is_layer_range(part: str) -> bool:
+    try:
+        layer_range(part)
+        return True
+    except ValueError:
+        return False
+
+
+def layer_range(part: str) -> tuple[int, int]:
+    """"layers:0-1" -> (0, 1); "layers:29" -> (29, 29): those decoder layers' MatMuls stay fp32."""
+    if not part.startswith("layers:"):
+        raise ValueError(part)
+    first, _, last = part[len("layers:"):].partition("-")
+    first, last = int(first), int(last or first)
+    if first < 0 or last < first:
+        raise ValueError(part)
+    return first, last
 
 
 def generate(folder: Path, prompts, max_new_tokens: int, eos) -> tuple[list[list[int]], list[np.ndarray]]:
@@ -80,12 +100,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/int8_sensitivity.json"))
     args = parser.parse_args(argv)
     for group in args.groups:
-        unknown = [part for part in group.split("+") if part not in GROUPS]
+        unknown = [part for part in group.split("+") if part not in GROUPS and not _is_layer_range(part)]
         if unknown:
             parser.error(f"unknown group {', '.join(unknown)}: choose from {', '.join(GROUPS)}")
 
     from cspkv.calibration import CALIBRATION_SEED, train_prompts
-    from cspkv.engines.precision import quantize_int8, resolve_calibration
+    from cspkv.engines.precision import INT8_EXCLUDE_MODULES, quantize_int8, resolve_calibration
     from cspkv.export.exporter import load_processor
     from cspkv.export.manifest import read_manifest
 
@@ -107,8 +127,12 @@ def main(argv=None) -> int:
             folder = Path(tmp) / group
             kwargs = {"exclude_module_types": (), "widen_decode": args.widen}
             for part in group.split("+"):
-                if part == "vision":
-                    kwargs["roles"] = ("prefill", "decode")
+                if part in ("vision", "decode"):
+                    kwargs["roles"] = tuple(r for r in kwargs.get("roles", ("vision", "prefill", "decode")) if r != part)
+                elif part.startswith("layers:"):
+                    first, last = layer_range(part)
+                    kwargs["exclude_modules"] = kwargs.get("exclude_modules", INT8_EXCLUDE_MODULES) + tuple(
+                        f"text.layers.{i}" for i in range(first, last + 1))
                 elif part == "no-widening":
                     kwargs["widen_decode"] = False
                 elif part == "smooth":
