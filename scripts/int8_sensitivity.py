@@ -3,13 +3,16 @@
     python scripts/int8_sensitivity.py --fp32 ~/.cache/cspkv/precision-table/default/budget-1.0-fp32 --widen
 
 For each group (none, the vision graph, each projection type of the decoder: q/k/v/o/gate/up/down_proj,
-the decode graph, decode's widened ranges switched off, "layers:A-B": those decoder layers, and
-"smooth": SmoothQuant with --smooth-alpha), quantize the fp32 export to INT8 with that group kept fp32
+the decode graph, decode's widened ranges switched off, "layers:A-B": those decoder layers,
+"smooth": SmoothQuant with --smooth-alpha, and "full-range": 8-bit instead of u8s8's 7-bit weights), quantize the fp32 export to INT8 with that group kept fp32
 (everything else as convert_export does it, except that every projection type starts int8 and --widen
 widens decode's ranges to prefill's; the cached calibration set and ranges are reused), then
 greedy-decode held-out TRAIN prompts (a calibration seed of their own; never the test split, so the
 choice cannot be tuned on the scored prompts) and compare with fp32: the share of prompts whose
-generated tokens are all identical, and the mean number of leading tokens that agree. Prints a table
+generated tokens are all identical, and the mean number of leading tokens that agree. Then, teacher-forced
+on fp32's answer (each step fed fp32's token, so a late flip is seen even after an early one): the
+share of answer positions whose argmax differs from fp32's token, and the mean KL(fp32 || int8) over
+them. Those two see every answer word, where greedy equality stops at the first flip. Prints a table
 and writes JSON after each group.
 """
 
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 GROUPS = ("none", "vision", "decode", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-          "no-widening", "smooth", "layers:A-B")
+          "no-widening", "smooth", "full-range", "layers:A-B")
 
 
 def log(message: str) -> None:
@@ -63,6 +66,34 @@ def generate(folder: Path, prompts, max_new_tokens: int, eos) -> tuple[list[list
         tokens.append(result.tokens)
         first.append(np.asarray(result.logits[0], dtype=np.float64).ravel())
     return tokens, first
+
+
+def forced(folder: Path, prompts, reference_tokens) -> list[list[np.ndarray]]:
+    """Each prompt's logits at every position of the fp32 answer, fed that answer (teacher forcing)."""
+    from cspkv.engines.onnx_runtime import OrtEngine
+    from cspkv.runtime.pipeline import OnnxPipeline
+
+    pipeline = OnnxPipeline(OrtEngine(folder))
+    return [[np.asarray(x, dtype=np.float64).ravel() for x in
+             pipeline.generate(p.input_ids, p.pixel_values, max_new_tokens=len(want), forced_tokens=want).logits]
+            for p, want in zip(prompts, reference_tokens)]
+
+
+def kl(want: np.ndarray, got: np.ndarray) -> float:
+    log_p = want - want.max() - np.log(np.exp(want - want.max()).sum())
+    log_q = got - got.max() - np.log(np.exp(got - got.max()).sum())
+    return float(np.sum(np.exp(log_p) * (log_p - log_q)))
+
+
+def forced_agreement(logits, reference_logits, reference_tokens) -> dict:
+    """Teacher-forced: share of answer positions whose argmax is not fp32's token; mean KL over them."""
+    flips, kls = [], []
+    for got, want, tokens in zip(logits, reference_logits, reference_tokens):
+        for position, (g, w) in enumerate(zip(got, want)):
+            flips.append(int(g.argmax()) != tokens[position])
+            kls.append(kl(w, g))
+    return {"forced_flip_rate": float(np.mean(flips)), "forced_answer_kl": float(np.mean(kls)),
+            "forced_positions": len(flips)}
 
 
 def first_token_kl(logits, reference) -> float:
@@ -117,6 +148,7 @@ def main(argv=None) -> int:
     calibration = resolve_calibration(args.fp32, "auto", log)
     start = time.perf_counter()
     reference, reference_logits = generate(args.fp32, prompts, args.max_new_tokens, eos)
+    reference_forced = forced(args.fp32, prompts, reference)
     log(f"fp32: {len(prompts)} held-out train prompts in {time.perf_counter() - start:.0f} s")
     result = {"command": " ".join(["python", "scripts/int8_sensitivity.py", *(argv or sys.argv[1:])]),
               "fp32": str(args.fp32), "flavour": args.flavour, "widen_decode_base": args.widen, "prompts": [p.source for p in prompts],
@@ -137,24 +169,28 @@ def main(argv=None) -> int:
                     kwargs["widen_decode"] = False
                 elif part == "smooth":
                     kwargs["smooth_alpha"] = args.smooth_alpha
+                elif part == "full-range":
+                    kwargs["reduce_range"] = False
                 elif part != "none":
                     kwargs["exclude_module_types"] += (part,)
             quantize_int8(args.fp32, folder, args.flavour, calibration, **kwargs)
             tokens, logits = generate(folder, prompts, args.max_new_tokens, eos)
+            teacher = forced_agreement(forced(folder, prompts, reference), reference_forced, reference)
         row = {"fp32_group": group, **agreement(tokens, reference),
-               "first_token_kl": first_token_kl(logits, reference_logits), "tokens": tokens,
+               "first_token_kl": first_token_kl(logits, reference_logits), **teacher, "tokens": tokens,
                "seconds": round(time.perf_counter() - start, 1)}
         result["rows"].append(row)
         log(f"{group}: all tokens = fp32 {row['all_tokens_equal']:.2f}, agreeing prefix "
-            f"{row['mean_agreeing_prefix']:.2f}, first-token KL {row['first_token_kl']:.4f} ({row['seconds']} s)")
+            f"{row['mean_agreeing_prefix']:.2f}, first-token KL {row['first_token_kl']:.4f}, teacher-forced flips "
+            f"{row['forced_flip_rate']:.3f} KL {row['forced_answer_kl']:.4f} ({row['seconds']} s)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    print("| kept fp32 | all tokens = fp32 | mean agreeing prefix (of %d) | first-token KL |" % args.max_new_tokens)
-    print("|---|---|---|---|")
+    print("| kept fp32 | all tokens = fp32 | mean agreeing prefix (of %d) | first-token KL | teacher-forced flips "
+          "| teacher-forced KL |" % args.max_new_tokens)
+    print("|---|---|---|---|---|---|")
     for row in result["rows"]:
-        kl = row.get("first_token_kl")
         print(f"| {row['fp32_group']} | {row['all_tokens_equal']:.2f} | {row['mean_agreeing_prefix']:.2f} "
-              f"| {'n/a' if kl is None else f'{kl:.4f}'} |")
+              f"| {row['first_token_kl']:.4f} | {row['forced_flip_rate']:.3f} | {row['forced_answer_kl']:.4f} |")
     print(f"{len(prompts)} held-out train prompts ({', '.join(args.tasks)}); JSON: {args.out}")
     return 0
 

@@ -39,6 +39,24 @@ def test_runtime_decode_time_n_softmax_null_slot(models, exports):
     assert max(float(np.abs(a - b).max()) for a, b in zip(result.logits, ref_logits)) < 1e-4
 
 
+def test_teacher_forcing_feeds_the_given_tokens(exports):
+    pipeline = OnnxPipeline(exports("gqa", "csp", 0.5))
+    ids, pixels = multi_image_prompt(4, seed=23)
+    greedy = pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=12)
+    # fed its own choices, teacher forcing is greedy decoding: same logits at every position
+    forced = pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=50, forced_tokens=greedy.tokens)
+    assert forced.tokens == greedy.tokens and len(forced.logits) == 12
+    assert max(float(np.abs(a - b).max()) for a, b in zip(forced.logits, greedy.logits)) == 0.0
+    # fed another token at step 3, positions 0-3 agree and position 4 on sees the other token
+    other = list(greedy.tokens)
+    other[3] = (other[3] + 1) % pipeline.manifest["model"]["vocab_size"]
+    changed = pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=12, forced_tokens=other)
+    assert all(np.array_equal(a, b) for a, b in zip(changed.logits[:4], greedy.logits[:4]))
+    assert not np.array_equal(changed.logits[4], greedy.logits[4])
+    with pytest.raises(ValueError, match="forced_tokens is empty"):
+        pipeline.generate(ids[0].numpy(), pixels.numpy(), forced_tokens=[])
+
+
 def test_onnx_runtime_reads_the_c_buffer_in_place(exports):
     pipeline = OnnxPipeline(exports("gqa", "csp", 0.5))
     # one K and one V block per layer, back to back in the C buffer: layer l, part p at

@@ -452,7 +452,8 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
                   exclude_modules=INT8_EXCLUDE_MODULES, nodes_to_exclude=(), per_channel: bool = True,
                   outlier_limit: float | None = INT8_OUTLIER_LIMIT, roles=("vision", "prefill", "decode"),
                   exclude_module_types=INT8_EXCLUDE_MODULE_TYPES, widen_decode: bool = False,
-                  smooth_alpha: float | None = None, progress: Callable[[str], None] = lambda message: None) -> dict:
+                  smooth_alpha: float | None = None, reduce_range: bool | None = None,
+                  progress: Callable[[str], None] = lambda message: None) -> dict:
     """QDQ INT8 of the weight MatMuls of each graph in ``roles`` (the others are copied as fp32),
     calibrated with ``calibration`` (a :class:`cspkv.calibration.CalibrationSet`). Kept fp32: the
     MatMuls of ``exclude_modules``, of the decoder's modules whose name ends with ``.<type>`` for a type
@@ -461,12 +462,15 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
     for the same module (:func:`widen_decode_ranges`; off by default: on the held-out train prompts it
     gave fewer fp32-identical answers, 12 of 16 against 14). ``smooth_alpha``: SmoothQuant the
     decoder's quantized MatMuls first (:mod:`cspkv.engines.smoothing`; per-channel activation peaks
-    from the same calibration feeds; None: off)."""
+    from the same calibration feeds; None: off). ``reduce_range``: overrides the flavour's (u8s8: 7-bit
+    weights) for experiments."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     options = int8_options(flavour)
+    if reduce_range is not None:  # an experiment's override: u8s8's 7-bit weights are a CPU-portability choice
+        options["reduce_range"] = reduce_range
     src, dst = Path(src), Path(dst)
     manifest = _prepare(src, dst, force)
     precision = f"int8-{flavour}"

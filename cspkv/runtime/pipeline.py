@@ -105,9 +105,17 @@ class OnnxPipeline:
 
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32,
                  eos_token_id: int | None = None, on_token: Callable[[int], None] | None = None,
-                 keep_logits: bool = True) -> PipelineResult:
+                 keep_logits: bool = True, forced_tokens=None) -> PipelineResult:
+        """Greedy decoding. ``forced_tokens`` (teacher forcing): step i feeds forced_tokens[i] instead of
+        the token it chose, so two engines can be compared position by position on one answer (the
+        returned tokens are still each step's argmax); decoding stops when they run out."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if forced_tokens is not None:
+            forced_tokens = [int(t) for t in forced_tokens]
+            max_new_tokens = min(max_new_tokens, len(forced_tokens))
+            if max_new_tokens < 1:
+                raise ValueError("forced_tokens is empty: give the tokens to feed, or None to decode greedily")
         model = self.manifest["model"]
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         modality = (input_ids == model["image_token_id"]).astype(np.int64)
@@ -127,12 +135,13 @@ class OnnxPipeline:
         if on_token:
             on_token(tokens[0])
         for step in range(max_new_tokens - 1):
-            if eos_token_id is not None and tokens[-1] == eos_token_id:
+            fed = tokens[-1] if forced_tokens is None else forced_tokens[step]
+            if eos_token_id is not None and fed == eos_token_id:
                 break
             t0 = time.perf_counter()
             position = len(input_ids) + step
             slots = self.buffer.choose_write_slots(position)
-            self._decode(tokens[-1], position)
+            self._decode(fed, position)
             self.buffer.write_token(slots, self._out["new_kv"], position, TEXT)
             self.buffer.accumulate(self._out["mass"][:, 0])
             tokens.append(int(self._out["logits"][0].argmax()))
