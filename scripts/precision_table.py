@@ -57,23 +57,29 @@ def fp32_export(model_name, budget, args, work: Path) -> Path:
     return folder
 
 
-def converted(fp32: Path, precision: str, work: Path) -> Path:
+def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | None = None) -> Path:
     from cspkv.engines.precision import convert_export
     from cspkv.export.manifest import ManifestError, read_manifest
 
     if precision == "fp32":
         return fp32
-    folder = work / fp32.name.replace("-fp32", f"-{precision}")
+    keep_fp32 = keep_fp32 if precision.startswith("int8") else None
+    suffix = f"-keep-{'+'.join(keep_fp32) or 'none'}" if keep_fp32 is not None else ""
+    folder = work / fp32.name.replace("-fp32", f"-{precision}{suffix}")
     source = read_manifest(fp32, verify_hashes=False)
     try:
         manifest = read_manifest(folder, verify_hashes=False)
-        if manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
+        from cspkv.engines.precision import INT8_EXCLUDE_MODULE_TYPES
+
+        wanted = list(INT8_EXCLUDE_MODULE_TYPES if keep_fp32 is None else keep_fp32)
+        same_types = not precision.startswith("int8") or manifest["conversion"]["exclude_module_types"] == wanted
+        if same_types and manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):
         pass
     start = time.perf_counter()
-    convert_export(fp32, folder, precision, force=True, progress=log)
+    convert_export(fp32, folder, precision, force=True, progress=log, keep_fp32_types=keep_fp32)
     log(f"converted {folder} in {time.perf_counter() - start:.0f} s")
     return folder
 
@@ -133,6 +139,7 @@ def run_rows(folder: Path, prompts, processor, args) -> dict:
     manifest = read_manifest(folder, verify_hashes=False)
     scores = [i["score"] for i in items if "score" in i]
     return {"precision": manifest.get("precision", "fp32"), "kv_dtype": manifest.get("kv_dtype", "float32"),
+            "int8_keep_fp32_types": manifest.get("conversion", {}).get("exclude_module_types"),
             "accuracy": float(np.mean(scores)) if scores else None,
             "decode_ms_median": 1e3 * statistics.median(steps) if steps else None,
             "decode_steps": len(steps), "ttft_s_median": statistics.median(ttfts),
@@ -208,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="export folders (default ~/.cache/cspkv/precision-table/MODEL)")
     parser.add_argument("--out", type=Path, default=Path("results/precision.json"))
     parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
+    parser.add_argument("--int8-keep-fp32", nargs="*", default=None, metavar="TYPE",
+                        help="decoder projection types the int8 rows keep fp32 (default: the package's, down_proj k_proj v_proj); "
+                             "e.g. down_proj")
     args = parser.parse_args(argv)
     if args.tasks and args.model != "tiny":
         from cspkv.evaluation.easyvqa_tasks import TASKS
@@ -232,7 +242,7 @@ def main(argv=None) -> int:
         for precision in args.precisions:
             if (budget, precision) in done:
                 continue
-            folder = converted(fp32, precision, work)
+            folder = converted(fp32, precision, work, args.int8_keep_fp32)
             start = time.perf_counter()
             row = {"budget": budget, **run_rows(folder, prompts, processor, args)}
             row["first_token_agreement"], row["agreement"] = agreement(row, rows)
@@ -246,7 +256,8 @@ def main(argv=None) -> int:
                 "n_per_task": args.n_per_task, "tasks": args.tasks or "all", "max_prompt": args.max_prompt,
                 "ids": [p[0] for p in prompts]},
                 "settings": {"decode_slots": args.decode_slots, "max_new_tokens": args.max_new_tokens,
-                             "threads": args.threads, "runtime": "onnxruntime CPUExecutionProvider"},
+                             "threads": args.threads, "runtime": "onnxruntime CPUExecutionProvider",
+                             "int8_keep_fp32": "package default" if args.int8_keep_fp32 is None else args.int8_keep_fp32},
                 "rows": rows, "seconds": round(time.perf_counter() - started, 1) + previous.get("seconds", 0)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -166,9 +166,10 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
     lm_head = [n for n in plain if n.name in excluded and _module_of(n) == "lm_head"]
     assert len(lm_head) == 1                          # lm_head stays fp32
     fp32_graph = onnx.load(str(fp32 / "prefill.onnx")).graph
-    down = {n.name for n in fp32_graph.node if n.op_type == "MatMul" and _module_of(n).endswith(".down_proj")}
-    assert down and down <= excluded
-    assert down <= {n.name for n in plain}            # every MLP down_proj stays fp32
+    kept = {n.name for n in fp32_graph.node if n.op_type == "MatMul"
+            and _module_of(n).endswith((".down_proj", ".k_proj", ".v_proj"))}
+    assert len(kept) == 3 * read_manifest(fp32)["model"]["layers"] and kept <= excluded
+    assert kept <= {n.name for n in plain}            # every down_proj, k_proj and v_proj stays fp32
     if flavour == "s8s8":                             # what TensorRT's explicit quantization imports
         from cspkv.export.readiness import check_graph
 
@@ -226,6 +227,32 @@ def test_int8_widened_decode_ranges_cover_prefill_ranges_of_the_same_module(fp32
     decode = _activation_scales(fp32 / "decode.onnx", widened / "decode.onnx")
     assert set(decode) == set(narrow)
     assert all(decode[m] >= prefill[m] * (1 - 1e-6) for m in shared)
+
+
+def test_int8_keeps_the_chosen_projection_types_fp32_and_refuses_an_unknown_type(fp32, converted, calib_cache,
+                                                                                  tmp_path):
+    """keep_fp32_types replaces the default set: k/v_proj stay plain MatMuls, down_proj is quantized."""
+    # k/v_proj only, so that down_proj (a default type) shows the default was replaced, not extended
+    from cspkv.engines.precision import _module_of
+
+    folder = tmp_path / "kv-fp32"
+    convert_export(fp32, folder, "int8-u8s8", keep_fp32_types=["k_proj", "v_proj"])
+    manifest = read_manifest(folder)
+    assert manifest["conversion"]["exclude_module_types"] == ["k_proj", "v_proj"]
+    graph = onnx.load(str(folder / "prefill.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def quantized(suffix):
+        nodes = [n for n in graph.node if n.op_type == "MatMul" and _module_of(n).endswith(suffix)]
+        assert nodes
+        # the weight input: k/v_proj share their activation (and its Q/DQ pair) with the quantized q_proj
+        return {n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear" for n in nodes}
+
+    assert quantized(".k_proj") == {False} and quantized(".v_proj") == {False}
+    assert quantized(".down_proj") == {True} and quantized(".q_proj") == {True}
+    with pytest.raises(PrecisionError, match="type kproj: choose from .*down_proj.*k_proj"):
+        convert_export(fp32, tmp_path / "typo", "int8-u8s8", keep_fp32_types=["kproj"])
+    assert not (tmp_path / "typo").exists()
 
 
 # --- calibration ---------------------------------------------------------------------------------------
