@@ -57,29 +57,36 @@ def fp32_export(model_name, budget, args, work: Path) -> Path:
     return folder
 
 
-def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | None = None) -> Path:
+def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | None = None,
+              fp32_graphs: list[str] | None = None) -> Path:
     from cspkv.engines.precision import convert_export
     from cspkv.export.manifest import ManifestError, read_manifest
 
     if precision == "fp32":
         return fp32
-    keep_fp32 = keep_fp32 if precision.startswith("int8") else None
+    int8 = precision.startswith("int8")
+    keep_fp32, fp32_graphs = (keep_fp32, fp32_graphs) if int8 else (None, None)
     suffix = f"-keep-{'+'.join(keep_fp32) or 'none'}" if keep_fp32 is not None else ""
+    suffix += f"-fp32-{'+'.join(fp32_graphs) or 'none'}" if fp32_graphs is not None else ""
     folder = work / fp32.name.replace("-fp32", f"-{precision}{suffix}")
     source = read_manifest(fp32, verify_hashes=False)
     try:
         manifest = read_manifest(folder, verify_hashes=False)
-        from cspkv.engines.precision import INT8_EXCLUDE_MODULE_TYPES
+        from cspkv.engines.precision import INT8_EXCLUDE_MODULE_TYPES, INT8_FP32_GRAPHS
 
         wanted = list(INT8_EXCLUDE_MODULE_TYPES if keep_fp32 is None else keep_fp32)
-        same_types = not precision.startswith("int8") or manifest["conversion"]["exclude_module_types"] == wanted
+        plain = set(INT8_FP32_GRAPHS if fp32_graphs is None else fp32_graphs)
+        conversion = manifest.get("conversion", {})
+        same_types = not int8 or (conversion["exclude_module_types"] == wanted and plain == {
+            role for role, graph in conversion["graphs"].items() if not graph["quantized"]})
         if same_types and manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):
         pass
     start = time.perf_counter()
-    convert_export(fp32, folder, precision, force=True, progress=log, keep_fp32_types=keep_fp32)
+    convert_export(fp32, folder, precision, force=True, progress=log, keep_fp32_types=keep_fp32,
+                   keep_fp32_graphs=fp32_graphs)
     log(f"converted {folder} in {time.perf_counter() - start:.0f} s")
     return folder
 
@@ -140,6 +147,8 @@ def run_rows(folder: Path, prompts, processor, args) -> dict:
     scores = [i["score"] for i in items if "score" in i]
     return {"precision": manifest.get("precision", "fp32"), "kv_dtype": manifest.get("kv_dtype", "float32"),
             "int8_keep_fp32_types": manifest.get("conversion", {}).get("exclude_module_types"),
+            "int8_fp32_graphs": sorted(r for r, g in manifest.get("conversion", {}).get("graphs", {}).items()
+                                       if not g["quantized"]) if manifest.get("precision", "").startswith("int8") else None,
             "accuracy": float(np.mean(scores)) if scores else None,
             "decode_ms_median": 1e3 * statistics.median(steps) if steps else None,
             "decode_steps": len(steps), "ttft_s_median": statistics.median(ttfts),
@@ -218,6 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--int8-keep-fp32", nargs="*", default=None, metavar="TYPE",
                         help="decoder projection types the int8 rows keep fp32 (default: the package's, down_proj k_proj v_proj); "
                              "e.g. down_proj")
+    parser.add_argument("--int8-fp32-graphs", nargs="*", default=None, metavar="ROLE",
+                        help="graphs the int8 rows copy as fp32 (default: the package's, decode); e.g. nothing")
     args = parser.parse_args(argv)
     if args.tasks and args.model != "tiny":
         from cspkv.evaluation.easyvqa_tasks import TASKS
@@ -242,7 +253,7 @@ def main(argv=None) -> int:
         for precision in args.precisions:
             if (budget, precision) in done:
                 continue
-            folder = converted(fp32, precision, work, args.int8_keep_fp32)
+            folder = converted(fp32, precision, work, args.int8_keep_fp32, args.int8_fp32_graphs)
             start = time.perf_counter()
             row = {"budget": budget, **run_rows(folder, prompts, processor, args)}
             row["first_token_agreement"], row["agreement"] = agreement(row, rows)
@@ -257,7 +268,8 @@ def main(argv=None) -> int:
                 "ids": [p[0] for p in prompts]},
                 "settings": {"decode_slots": args.decode_slots, "max_new_tokens": args.max_new_tokens,
                              "threads": args.threads, "runtime": "onnxruntime CPUExecutionProvider",
-                             "int8_keep_fp32": "package default" if args.int8_keep_fp32 is None else args.int8_keep_fp32},
+                             "int8_keep_fp32": "package default" if args.int8_keep_fp32 is None else args.int8_keep_fp32,
+                             "int8_fp32_graphs": "package default" if args.int8_fp32_graphs is None else args.int8_fp32_graphs},
                 "rows": rows, "seconds": round(time.perf_counter() - started, 1) + previous.get("seconds", 0)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -214,7 +214,8 @@ def test_int8_widened_decode_ranges_cover_prefill_ranges_of_the_same_module(fp32
     from cspkv.calibration import build_calibration_set
     from cspkv.engines.precision import quantize_int8
 
-    plain = converted["int8-u8s8"]
+    plain = tmp_path / "plain"   # the default copies decode as fp32: quantize every graph here
+    quantize_int8(fp32, plain, "u8s8", build_calibration_set(fp32, "auto"))
     assert "decode_inputs_widened" not in read_manifest(plain)["conversion"]
     prefill = _activation_scales(fp32 / "prefill.onnx", plain / "prefill.onnx")
     narrow = _activation_scales(fp32 / "decode.onnx", plain / "decode.onnx")
@@ -253,6 +254,21 @@ def test_int8_keeps_the_chosen_projection_types_fp32_and_refuses_an_unknown_type
     with pytest.raises(PrecisionError, match="type kproj: choose from .*down_proj.*k_proj"):
         convert_export(fp32, tmp_path / "typo", "int8-u8s8", keep_fp32_types=["kproj"])
     assert not (tmp_path / "typo").exists()
+
+
+def test_int8_copies_the_decode_graph_as_fp32_by_default_and_refuses_an_unknown_graph(fp32, converted, calib_cache,
+                                                                                       tmp_path):
+    for flavour in ("u8s8", "s8s8"):
+        folder = converted[f"int8-{flavour}"]
+        graphs = read_manifest(folder)["conversion"]["graphs"]
+        assert {r: g["quantized"] for r, g in graphs.items()} == {"vision": True, "prefill": True, "decode": False}
+        assert (folder / "decode.onnx").read_bytes() == (fp32 / "decode.onnx").read_bytes()
+        assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(folder / "prefill.onnx")).graph.node)
+    every = tmp_path / "every"
+    convert_export(fp32, every, "int8-u8s8", keep_fp32_graphs=[])
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(every / "decode.onnx")).graph.node)
+    with pytest.raises(PrecisionError, match="no graph named decoder .*choose from .*decode"):
+        convert_export(fp32, tmp_path / "typo", "int8-u8s8", keep_fp32_graphs=["decoder"])
 
 
 # --- calibration ---------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ int8 (``onnxruntime.quantization.quantize_static``, QDQ, MinMax): the weight Mat
   and ``s8s8`` (activations and weights QInt8, symmetric: what TensorRT's explicit quantization
   takes). Kept fp32: ``lm_head`` (:data:`INT8_EXCLUDE_MODULES`), every MLP ``down_proj`` and attention
   ``k_proj``/``v_proj`` (:data:`INT8_EXCLUDE_MODULE_TYPES`) and every weight MatMul whose
-  calibrated input exceeds :data:`INT8_OUTLIER_LIMIT` (:func:`outlier_matmuls`; prefill and decode keep the same modules).
+  calibrated input exceeds :data:`INT8_OUTLIER_LIMIT`; the decode graph is copied as fp32
+  (:data:`INT8_FP32_GRAPHS`) (:func:`outlier_matmuls`; prefill and decode keep the same modules).
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ INT8_EXCLUDE_MODULES = ("lm_head",)
 # int8, 15 with down_proj fp32, 12-13 otherwise); its inputs are the SiLU-gated products whose few large
 # values set the per-tensor scale. k_proj, v_proj: on 32 describe prompts, teacher-forced, they cut the
 # answer positions whose argmax differs from fp32's from 0.023 to 0.016 and the KL from 0.060 to 0.036
-# (the vision graph: 0.023, 0.038), for 20 MiB of graph; they write the K/V that the answer reads.
+# (the vision graph: 0.023, 0.038), for 38 MiB of graph; they write the K/V that the answer reads.
 INT8_EXCLUDE_MODULE_TYPES = ("down_proj", "k_proj", "v_proj")
+# Graphs copied as fp32 by INT8 exports. decode: on 24 held-out text_needle TRAIN prompts,
+# teacher-forced (scripts/int8_sensitivity.py), an fp32 decode graph cut the answer positions whose
+# argmax differs from fp32's from 0.064 to 0.038 and the KL from 0.089 to 0.043: the code word's later
+# sub-words are copied by decode steps. It cannot change the first answer token (prefill's), and int8
+# decode was no faster on these CPUs; it costs 208 MiB of graph (860 MiB against fp32's 1127).
+INT8_FP32_GRAPHS = ("decode",)
 # A weight MatMul whose calibrated input reaches |x| > this stays fp32: per-tensor int8 then has a step
 # of > 0.25 while the bulk of the values is ~0.1 (the default model's MLP down_proj inputs carry
 # "massive activations" of 40-3000 in a few layers; every other input stays below ~15).
@@ -595,11 +602,12 @@ def _check_module_types(src: Path, manifest: dict, types) -> None:
 
 def convert_export(src: str | Path, dst: str | Path, precision: str, flavour: str = "u8s8", calibration="auto",
                    force: bool = False, progress: Callable[[str], None] = lambda message: None,
-                   keep_fp32_types: Sequence[str] | None = None) -> dict:
+                   keep_fp32_types: Sequence[str] | None = None, keep_fp32_graphs: Sequence[str] | None = None) -> dict:
     """``precision``: fp16 | int8 (with ``flavour`` u8s8 | s8s8) | int8-u8s8 | int8-s8s8.
     ``keep_fp32_types``: int8 only, the decoder projection types kept fp32 (None:
     :data:`INT8_EXCLUDE_MODULE_TYPES`); a type that names no weight MatMul of the decoder is refused,
-    since it would silently keep nothing."""
+    since it would silently keep nothing. ``keep_fp32_graphs``: int8 only, the graphs (vision, prefill,
+    decode) copied as fp32 (None: :data:`INT8_FP32_GRAPHS`)."""
     if precision.startswith("int8-"):
         precision, flavour = "int8", precision[5:]
     if precision == "fp16":
@@ -614,7 +622,13 @@ def convert_export(src: str | Path, dst: str | Path, precision: str, flavour: st
             raise PrecisionError(f"{src} is a {source['precision']} export: convert from the fp32 export")
         types = INT8_EXCLUDE_MODULE_TYPES if keep_fp32_types is None else tuple(keep_fp32_types)
         _check_module_types(src, source, types)
+        graphs = INT8_FP32_GRAPHS if keep_fp32_graphs is None else tuple(keep_fp32_graphs)
+        unknown = sorted(set(graphs) - set(source["graphs"]))
+        if unknown:
+            raise PrecisionError(f"no graph named {', '.join(unknown)} in {src}: choose from {', '.join(source['graphs'])}")
+        roles = tuple(r for r in source["graphs"] if r not in graphs)
         data = resolve_calibration(src, calibration, progress)
-        return quantize_int8(src, dst, flavour, data, force=force, progress=progress, exclude_module_types=types)
+        return quantize_int8(src, dst, flavour, data, force=force, progress=progress, exclude_module_types=types,
+                             roles=roles)
     raise PrecisionError(f"precision must be one of fp16, int8, int8-u8s8, int8-s8s8 (fp32 is the export "
                          f"itself), got {precision!r}")
