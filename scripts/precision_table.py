@@ -57,9 +57,17 @@ def fp32_export(model_name, budget, args, work: Path) -> Path:
     return folder
 
 
+def int8_fp32_parts(manifest: dict) -> tuple[list[str], list[str]] | None:
+    """(projection types, graphs) an int8 export kept fp32, from its manifest; None for another precision."""
+    if not manifest.get("precision", "").startswith("int8"):
+        return None
+    conversion = manifest["conversion"]
+    return conversion["exclude_module_types"], sorted(r for r, g in conversion["graphs"].items() if not g["quantized"])
+
+
 def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | None = None,
               fp32_graphs: list[str] | None = None) -> Path:
-    from cspkv.engines.precision import convert_export
+    from cspkv.engines.precision import INT8_EXCLUDE_MODULE_TYPES, INT8_FP32_GRAPHS, convert_export
     from cspkv.export.manifest import ManifestError, read_manifest
 
     if precision == "fp32":
@@ -72,14 +80,10 @@ def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | Non
     source = read_manifest(fp32, verify_hashes=False)
     try:
         manifest = read_manifest(folder, verify_hashes=False)
-        from cspkv.engines.precision import INT8_EXCLUDE_MODULE_TYPES, INT8_FP32_GRAPHS
-
-        wanted = list(INT8_EXCLUDE_MODULE_TYPES if keep_fp32 is None else keep_fp32)
-        plain = set(INT8_FP32_GRAPHS if fp32_graphs is None else fp32_graphs)
-        conversion = manifest.get("conversion", {})
-        same_types = not int8 or (conversion["exclude_module_types"] == wanted and plain == {
-            role for role, graph in conversion["graphs"].items() if not graph["quantized"]})
-        if same_types and manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
+        wanted = (list(INT8_EXCLUDE_MODULE_TYPES if keep_fp32 is None else keep_fp32),
+                  sorted(INT8_FP32_GRAPHS if fp32_graphs is None else fp32_graphs)) if int8 else None
+        if int8_fp32_parts(manifest) == wanted and \
+                manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):
@@ -145,10 +149,9 @@ def run_rows(folder: Path, prompts, processor, args) -> dict:
         items.append(item)
     manifest = read_manifest(folder, verify_hashes=False)
     scores = [i["score"] for i in items if "score" in i]
+    kept_types, fp32_graphs = int8_fp32_parts(manifest) or (None, None)
     return {"precision": manifest.get("precision", "fp32"), "kv_dtype": manifest.get("kv_dtype", "float32"),
-            "int8_keep_fp32_types": manifest.get("conversion", {}).get("exclude_module_types"),
-            "int8_fp32_graphs": sorted(r for r, g in manifest.get("conversion", {}).get("graphs", {}).items()
-                                       if not g["quantized"]) if manifest.get("precision", "").startswith("int8") else None,
+            "int8_keep_fp32_types": kept_types, "int8_fp32_graphs": fp32_graphs,
             "accuracy": float(np.mean(scores)) if scores else None,
             "decode_ms_median": 1e3 * statistics.median(steps) if steps else None,
             "decode_steps": len(steps), "ttft_s_median": statistics.median(ttfts),

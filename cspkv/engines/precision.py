@@ -25,8 +25,8 @@ int8 (``onnxruntime.quantization.quantize_static``, QDQ, MinMax): the weight Mat
   and ``s8s8`` (activations and weights QInt8, symmetric: what TensorRT's explicit quantization
   takes). Kept fp32: ``lm_head`` (:data:`INT8_EXCLUDE_MODULES`), every MLP ``down_proj`` and attention
   ``k_proj``/``v_proj`` (:data:`INT8_EXCLUDE_MODULE_TYPES`) and every weight MatMul whose
-  calibrated input exceeds :data:`INT8_OUTLIER_LIMIT`; the decode graph is copied as fp32
-  (:data:`INT8_FP32_GRAPHS`) (:func:`outlier_matmuls`; prefill and decode keep the same modules).
+  calibrated input exceeds :data:`INT8_OUTLIER_LIMIT` (:func:`outlier_matmuls`; prefill and decode keep
+  the same modules). The decode graph is copied as fp32 (:data:`INT8_FP32_GRAPHS`).
 """
 
 from __future__ import annotations
