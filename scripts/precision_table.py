@@ -13,7 +13,9 @@ the JSON). The tiny model has no benchmark: its rows give agreement with fp32 on
 Reported per (budget, precision): accuracy (mean score: MC accuracy, ROUGE-L for describe), agreement
 with fp32 (same first generated token -- the answer letter of a multiple-choice prompt -- and
 identical generated tokens), median per-step decode latency, median TTFT, graph bytes, and
-KV buffer bytes. Prints a Markdown table and writes JSON (after every row, so --resume continues).
+KV buffer bytes. Prints Markdown tables (the rows; accuracy per task; each task's paired loss against fp32
+with a 95% bootstrap interval) and writes JSON (after every row, so --resume continues);
+--tables-only prints the tables of an existing JSON.
 """
 
 from __future__ import annotations
@@ -212,6 +214,47 @@ def task_table(rows) -> str:
     return "\n".join(lines)
 
 
+def paired_loss(reference: dict, row: dict, task: str, draws: int = 10_000, seed: int = 0) -> dict | None:
+    """fp32 minus ``row`` on one task's prompts, matched by prompt id: the mean loss, a 95% paired
+    bootstrap interval of it (seeded), and how many prompts scored lower / higher than fp32.
+
+    A score moves in coarse steps on a few dozen prompts (one describe word is 1/3 of a prompt), so
+    a loss near the 2-point bar needs its interval beside it to say whether the bar is really missed.
+    """
+    fp32 = {i["id"]: i["score"] for i in reference["items"] if i.get("task") == task}
+    diffs = np.array([fp32[i["id"]] - i["score"] for i in row["items"] if i.get("task") == task and i["id"] in fp32])
+    if diffs.size == 0:
+        return None
+    means = diffs[np.random.default_rng(seed).integers(0, diffs.size, (draws, diffs.size))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"prompts": int(diffs.size), "loss": float(diffs.mean()), "ci95": [float(low), float(high)],
+            "worse": int((diffs > 0).sum()), "better": int((diffs < 0).sum())}
+
+
+def loss_table(rows) -> str:
+    """Per task, budget and non-fp32 precision: the paired loss against fp32 in points, its 95%
+    bootstrap interval and the prompts that got worse / better."""
+    fp32 = {r["budget"]: r for r in rows if r["precision"] == "fp32"}
+    lines = ["| task | budget | precision | prompts | loss vs fp32 (points) | 95% CI | worse / better |",
+             "|---|---|---|---|---|---|---|"]
+    for task in sorted({i["task"] for r in rows for i in r["items"] if "task" in i}):
+        for row in rows:
+            if row["precision"] == "fp32" or row["budget"] not in fp32:
+                continue
+            loss = paired_loss(fp32[row["budget"]], row, task)
+            if loss is not None:
+                low, high = (100 * x for x in loss["ci95"])
+                lines.append(f"| {task} | {row['budget']} | {row['precision']} | {loss['prompts']} "
+                             f"| {100 * loss['loss']:+.1f} | [{low:+.1f}, {high:+.1f}] | {loss['worse']} / {loss['better']} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def print_tables(rows) -> None:
+    print(table(rows))
+    print("\n" + task_table(rows))
+    print("\n" + loss_table(rows))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", choices=["default", "tiny"])
@@ -232,7 +275,14 @@ def main(argv=None) -> int:
                              "e.g. down_proj")
     parser.add_argument("--int8-fp32-graphs", nargs="*", default=None, metavar="ROLE",
                         help="graphs the int8 rows copy as fp32 (default: the package's, decode); e.g. nothing")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="print the tables of the rows already in --out and exit (runs nothing)")
     args = parser.parse_args(argv)
+    if args.tables_only:
+        if not args.out.is_file():
+            parser.error(f"--tables-only reads {args.out}, which does not exist: give the JSON with --out")
+        print_tables(json.loads(args.out.read_text())["rows"])
+        return 0
     if args.tasks and args.model != "tiny":
         from cspkv.evaluation.easyvqa_tasks import TASKS
 
@@ -276,8 +326,7 @@ def main(argv=None) -> int:
                 "rows": rows, "seconds": round(time.perf_counter() - started, 1) + previous.get("seconds", 0)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(payload, indent=1) + "\n")
-    print(table(rows))
-    print("\n" + task_table(rows))
+    print_tables(rows)
     print(f"\n{len(prompts)} prompts ({args.n_per_task} per task, <= {args.max_prompt} tokens); JSON: {args.out}")
     return 0
 

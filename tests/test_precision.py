@@ -460,3 +460,44 @@ def test_precision_task_table_reports_the_worst_loss_against_fp32_at_the_same_bu
     assert lines[0].startswith("| task | 1.0 fp32 | 1.0 int8-u8s8 | 0.2 fp32 | 0.2 int8-u8s8 |")
     assert lines[2] == "| a | 1.000 | 0.500 | 0.000 | 0.000 | +0.500 |"
     assert lines[3] == "| b | 0.500 | 1.000 | 0.000 | 0.000 | +0.000 |"
+
+
+def test_precision_paired_loss_matches_prompts_by_id_and_brackets_the_mean():
+    table = _precision_table_script()
+
+    def row(precision, scores, order=None):
+        items = [{"id": f"p{k}", "task": "a", "score": s, "tokens": [1]} for k, s in enumerate(scores)]
+        return {"budget": 1.0, "precision": precision, "items": [items[k] for k in (order or range(len(items)))]}
+
+    fp32 = row("fp32", [1, 1, 0, 1, 0.5, 1])
+    # the same prompts in another order: a loss taken position by position would be wrong
+    int8 = row("int8-u8s8", [1, 0, 0, 1, 1, 1], order=[5, 4, 3, 2, 1, 0])
+    loss = table.paired_loss(fp32, int8, "a")
+    assert loss["prompts"] == 6 and loss["worse"] == 1 and loss["better"] == 1
+    assert loss["loss"] == pytest.approx((1 - 0.5) / 6)
+    low, high = loss["ci95"]
+    assert low < loss["loss"] < high and -1 <= low and high <= 1
+    # identical differences leave no spread; a task the row lacks gives None
+    same = table.paired_loss(fp32, row("int8-s8s8", [0.5, 0.5, -0.5, 0.5, 0, 0.5]), "a")
+    assert same["ci95"] == pytest.approx([0.5, 0.5]) and same["worse"] == 6
+    assert table.paired_loss(fp32, int8, "missing") is None
+    lines = table.loss_table([fp32, int8]).splitlines()
+    assert lines[2] == "| a | 1.0 | int8-u8s8 | 6 | +8.3 | " + \
+        f"[{100 * low:+.1f}, {100 * high:+.1f}] | 1 / 1 |"
+
+
+def test_precision_tables_only_prints_an_existing_json_and_needs_one(tmp_path, capsys):
+    table = _precision_table_script()
+    rows = [{"budget": 1.0, "precision": p, "accuracy": s, "decode_ms_median": 1.0, "ttft_s_median": 1.0,
+             "graph_bytes": 2**20, "kv_buffer_bytes": 2**20,
+             "items": [{"id": "x", "task": "a", "score": s, "tokens": [t]}]}
+            for p, s, t in (("fp32", 1.0, 1), ("int8-u8s8", 0.0, 2))]
+    out = tmp_path / "p.json"
+    with pytest.raises(SystemExit):
+        table.main(["--tables-only", "--out", str(out)])
+    assert "does not exist" in capsys.readouterr().err
+    out.write_text(json.dumps({"rows": rows}))
+    assert table.main(["--tables-only", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1.0 | int8-u8s8 | 0.000 | 0.00 | 0.00 |" in printed
+    assert "| a | 1.0 | int8-u8s8 | 1 | +100.0 | [+100.0, +100.0] | 1 / 0 |" in printed
