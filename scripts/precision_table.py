@@ -64,6 +64,8 @@ def int8_fp32_parts(manifest: dict) -> tuple[list[str], list[str]] | None:
     if not manifest.get("precision", "").startswith("int8"):
         return None
     conversion = manifest["conversion"]
+    if any(g["quantized"] and "activation_matmuls_fp32" not in g for g in conversion["graphs"].values()):
+        return "stale: attention MatMuls quantized (before 2026-12-05)", []
     return conversion["exclude_module_types"], sorted(r for r, g in conversion["graphs"].items() if not g["quantized"])
 
 

@@ -141,6 +141,47 @@ def test_fp16_logits_close_to_fp32_and_kv_buffer_is_float16(fp32, converted):
 
 # --- int8 --------------------------------------------------------------------------------------------
 
+def test_int8_calibrates_only_weight_matmul_inputs_and_quantizes_as_full_calibration_does(fp32, calib_cache, tmp_path):
+    """The reference is onnxruntime's own MinMax calibration of every MatMul input and output; the
+    narrower calibration (weight MatMul activations only, what bounds memory at long P_max) must give
+    the same ranges for those inputs and byte-identical quantized graphs."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from cspkv.engines.precision import activation_matmuls, calibrate_ranges, int8_options, weight_matmuls
+
+    manifest = read_manifest(fp32)
+    calibration = build_calibration_set(fp32, "auto")
+    options = int8_options("u8s8")
+    for role in ("prefill", "decode"):
+        path = fp32 / manifest["graphs"][role]
+        reader = calibration.reader(role, manifest)
+        narrow = calibrate_ranges(path, reader, tmp_path / f"{role}-narrow.json")
+        calibrator = create_calibrator(path, ["MatMul", "Gemm"], augmented_model_path=str(tmp_path / "aug.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax)
+        reader.rewind()
+        calibrator.collect_data(reader)
+        full = calibrator.compute_data()
+        save_tensors_data(full, tmp_path / f"{role}-full.json")
+        model = onnx.load(str(path))
+        nodes = weight_matmuls(model)
+        observed = {t for n in model.graph.node if n.name in nodes for t in (n.input[0], n.output[0])}
+        assert set(narrow.data) == observed and observed < set(full.data)
+        for name in observed:
+            np.testing.assert_array_equal(narrow.data[name].range_value, full.data[name].range_value)
+        graphs = {}
+        for kind in ("narrow", "full"):
+            reader.rewind()
+            quantize_static(str(path), str(tmp_path / f"{role}-{kind}.onnx"), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                            nodes_to_exclude=activation_matmuls(model),
+                            calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=tmp_path / f"{role}-{kind}.json",
+                            **{k: (dict(v) if k == "extra_options" else v) for k, v in options.items()})
+            graphs[kind] = (tmp_path / f"{role}-{kind}.onnx").read_bytes()
+        assert graphs["narrow"] == graphs["full"], role
+
+
 @pytest.mark.parametrize("flavour", ["u8s8", "s8s8"])
 def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, flavour):
     folder = converted[f"int8-{flavour}"]
@@ -159,7 +200,14 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
     dq_matmuls = [n for n in graph.node if n.op_type == "MatMul"
                   and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
     plain = [n for n in graph.node if n.op_type == "MatMul" and n not in dq_matmuls]
-    assert dq_matmuls and plain                       # attention / scoring MatMuls are not quantized
+    assert dq_matmuls and plain
+    from cspkv.engines.precision import activation_matmuls, weight_matmuls
+
+    fp32_prefill = onnx.load(str(fp32 / "prefill.onnx"))
+    attention = activation_matmuls(fp32_prefill)      # attention / scoring MatMuls are not quantized
+    assert attention and set(attention) <= {n.name for n in plain}
+    assert {n.name for n in dq_matmuls} <= set(weight_matmuls(fp32_prefill))
+    assert manifest["conversion"]["graphs"]["prefill"]["activation_matmuls_fp32"] == len(attention)
     from cspkv.engines.precision import _module_of
 
     excluded = set(manifest["conversion"]["graphs"]["prefill"]["excluded_nodes"])
@@ -501,3 +549,13 @@ def test_precision_tables_only_prints_an_existing_json_and_needs_one(tmp_path, c
     printed = capsys.readouterr().out
     assert "| 1.0 | int8-u8s8 | 0.000 | 0.00 | 0.00 |" in printed
     assert "| a | 1.0 | int8-u8s8 | 1 | +100.0 | [+100.0, +100.0] | 1 / 0 |" in printed
+
+
+def test_precision_table_treats_an_int8_export_with_quantized_attention_as_stale():
+    table = _precision_table_script()
+    graphs = {"vision": {"quantized": True, "activation_matmuls_fp32": 24}, "decode": {"quantized": False}}
+    manifest = {"precision": "int8-u8s8", "conversion": {"exclude_module_types": ["down_proj"], "graphs": graphs}}
+    assert table.int8_fp32_parts(manifest) == (["down_proj"], ["decode"])
+    del graphs["vision"]["activation_matmuls_fp32"]              # written before attention was excluded
+    assert table.int8_fp32_parts(manifest) != (["down_proj"], ["decode"])
+    assert table.int8_fp32_parts({"precision": "fp32"}) is None

@@ -200,7 +200,7 @@ class Exports:
         quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                         reduce_range=options["reduce_range"], activation_type=options["activation_type"],
-                        weight_type=options["weight_type"], nodes_to_exclude=excluded,
+                        weight_type=options["weight_type"], nodes_to_exclude=excluded + pr.activation_matmuls(model),
                         calibrate_method=CalibrationMethod.MinMax, extra_options=dict(options["extra_options"]))
         meta.write_text(json.dumps({"flavour": "u8s8", "excluded_fp32": len(excluded),
                                                "calibration": calibration.meta}, default=str))

@@ -17,7 +17,8 @@ fp16 (``onnxruntime.transformers.float16``): weights and activations in float16,
     so adjacent fp32 nodes would still pass values through float16: :func:`remove_cast_round_trips`
     joins them, and the result is re-sorted topologically (checker / TensorRT parser order).
 int8 (``onnxruntime.quantization.quantize_static``, QDQ, MinMax): the weight MatMuls/Gemms only
-  (MatMulConstBOnly: attention's activation-activation MatMuls and the scoring path stay fp32), K/V
+  (attention's activation-activation MatMuls and the scoring path stay fp32: excluded by name,
+  :func:`activation_matmuls`, since the QDQ quantizer ignores MatMulConstBOnly), K/V
   stays float32, calibrated on recorded feeds of the fp32 export (:mod:`cspkv.calibration`; the
   ranges are cached beside the calibration set, so both flavours calibrate once). Flavours:
   ``u8s8`` (activations QUInt8 asymmetric, weights QInt8 with reduce_range: on x86 CPUs without
@@ -382,27 +383,45 @@ def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm nodes whose both operands are activations (attention Q.K^T and P.V,
+    the pruning scores). onnxruntime's QDQ quantizer ignores MatMulConstBOnly (only its QOperator
+    format honours it), so quantize_int8 must exclude these by name to quantize weight MatMuls only."""
+    weights = weight_matmuls(model)
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in weights]
+
+
 def calibrate_ranges(model_path: Path, reader, cache: Path | None):
-    """onnxruntime's MinMax ranges of every MatMul/Gemm input and output (TensorsData), from the
-    cache file when present (saved there otherwise)."""
+    """onnxruntime's MinMax ranges (TensorsData) of the activation inputs and the outputs of the
+    weight MatMul/Gemm nodes, from the cache file when present (saved there otherwise).
+
+    Only those: QDQ quantization of weight MatMuls (MatMulConstBOnly) reads no other range (it puts
+    Q/DQ on each quantized MatMul's input and output). Observing the other MatMuls as well
+    (onnxruntime's default for op type MatMul) takes in each head's P x P attention products: at
+    P_max 2048 the default model's prefill calibration was killed for memory at 24 GiB.
+    """
     import tempfile
 
-    from onnxruntime.quantization.calibrate import (
-        CalibrationMethod,
-        create_calibrator,
-        load_tensors_data,
-        save_tensors_data,
-    )
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater, load_tensors_data, save_tensors_data
     from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
     if cache is not None and cache.is_file():
         return load_tensors_data(cache)
+
+    class WeightInputCalibrater(MinMaxCalibrater):
+        def select_tensors_to_calibrate(self, model):
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            nodes = weight_matmuls(model)
+            wanted = {t for n in model.graph.node if n.name in nodes for t in (n.input[0], n.output[0])}
+            return tensors & wanted, value_infos
+
     with tempfile.TemporaryDirectory(prefix="cspkv-calib-") as tmp:
         inferred = Path(tmp) / "model.onnx"
         onnx.save(load_model_with_shape_infer(Path(model_path)), str(inferred))
-        calibrator = create_calibrator(inferred, ["MatMul", "Gemm"],
-                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.MinMax, extra_options={})
+        calibrator = WeightInputCalibrater(inferred, ["MatMul", "Gemm"],
+                                           augmented_model_path=str(Path(tmp) / "augmented.onnx"))
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
         reader.rewind()
         calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
@@ -542,15 +561,17 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
             typed = set(module_type_nodes(model, exclude_module_types)) if decoder else set()
             excluded = sorted(set(module_nodes(model, exclude_modules)) | set(nodes_to_exclude) | set(outliers)
                               | followed | typed)
+            attention = activation_matmuls(model)
             quantize_static(str(plan["path"]), str(dst / name), reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                             reduce_range=options["reduce_range"], activation_type=options["activation_type"],
-                            weight_type=options["weight_type"], nodes_to_exclude=excluded,
+                            weight_type=options["weight_type"], nodes_to_exclude=excluded + attention,
                             calibrate_method=CalibrationMethod.MinMax,
                             extra_options=dict(options["extra_options"]), calibration_cache_path=cache)
             quantized = sum(1 for node in onnx.load(str(dst / name)).graph.node if node.op_type == "DequantizeLinear")
             conversion["graphs"][role] = {
                 "quantized": True, "weight_matmuls": len(weight_matmuls(model)), "excluded_nodes": excluded,
+                "activation_matmuls_fp32": len(attention),
                 "outliers_fp32": {modules.get(n) or n: peak for n, peak in outliers.items()},
                 "fp32_modules": sorted({modules.get(n) or n for n in excluded}),
                 "feeds": len(reader), "dequantize_nodes": quantized, "smoothing": plan["smoothing"],
