@@ -71,7 +71,7 @@ def int8_fp32_parts(manifest: dict) -> tuple[list[str], list[str]] | None:
 
 def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | None = None,
               fp32_graphs: list[str] | None = None) -> Path:
-    from cspkv.engines.precision import INT8_EXCLUDE_MODULE_TYPES, INT8_FP32_GRAPHS, convert_export
+    from cspkv.engines.precision import INT8_FLAVOUR_FP32_TYPES, INT8_FP32_GRAPHS, convert_export
     from cspkv.export.manifest import ManifestError, read_manifest
 
     if precision == "fp32":
@@ -84,7 +84,7 @@ def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | Non
     source = read_manifest(fp32, verify_hashes=False)
     try:
         manifest = read_manifest(folder, verify_hashes=False)
-        wanted = (list(INT8_EXCLUDE_MODULE_TYPES if keep_fp32 is None else keep_fp32),
+        wanted = (list(INT8_FLAVOUR_FP32_TYPES[precision[5:]] if keep_fp32 is None else keep_fp32),
                   sorted(INT8_FP32_GRAPHS if fp32_graphs is None else fp32_graphs)) if int8 else None
         if int8_fp32_parts(manifest) == wanted and \
                 manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
@@ -273,7 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/precision.json"))
     parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
     parser.add_argument("--int8-keep-fp32", nargs="*", default=None, metavar="TYPE",
-                        help="decoder projection types the int8 rows keep fp32 (default: the package's, down_proj k_proj v_proj); "
+                        help="decoder projection types the int8 rows keep fp32 (default: the flavour's, down_proj k_proj v_proj, "
+                             "and q_proj for s8s8); "
                              "e.g. down_proj")
     parser.add_argument("--int8-fp32-graphs", nargs="*", default=None, metavar="ROLE",
                         help="graphs the int8 rows copy as fp32 (default: the package's, decode); e.g. nothing")

@@ -218,6 +218,12 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
             and _module_of(n).endswith((".down_proj", ".k_proj", ".v_proj"))}
     assert len(kept) == 3 * read_manifest(fp32)["model"]["layers"] and kept <= excluded
     assert kept <= {n.name for n in plain}            # every down_proj, k_proj and v_proj stays fp32
+    q_proj = {n.name for n in fp32_graph.node if n.op_type == "MatMul" and _module_of(n).endswith(".q_proj")}
+    assert len(q_proj) == read_manifest(fp32)["model"]["layers"]
+    if flavour == "s8s8":                             # s8s8 keeps q_proj fp32 too: its shared input is lopsided
+        assert q_proj <= {n.name for n in plain} and "q_proj" in manifest["conversion"]["exclude_module_types"]
+    else:
+        assert q_proj <= {n.name for n in dq_matmuls}
     if flavour == "s8s8":                             # what TensorRT's explicit quantization imports
         from cspkv.export.readiness import check_graph
 

@@ -25,7 +25,8 @@ int8 (``onnxruntime.quantization.quantize_static``, QDQ, MinMax): the weight Mat
   VNNI u8s8 saturates, and a graph must give the same answers on every CPU) for ONNX Runtime CPU,
   and ``s8s8`` (activations and weights QInt8, symmetric: what TensorRT's explicit quantization
   takes). Kept fp32: ``lm_head`` (:data:`INT8_EXCLUDE_MODULES`), every MLP ``down_proj`` and attention
-  ``k_proj``/``v_proj`` (:data:`INT8_EXCLUDE_MODULE_TYPES`) and every weight MatMul whose
+  ``k_proj``/``v_proj`` (:data:`INT8_EXCLUDE_MODULE_TYPES`; s8s8 also ``q_proj``,
+  :data:`INT8_FLAVOUR_FP32_TYPES`) and every weight MatMul whose
   calibrated input exceeds :data:`INT8_OUTLIER_LIMIT` (:func:`outlier_matmuls`; prefill and decode keep
   the same modules). The decode graph is copied as fp32 (:data:`INT8_FP32_GRAPHS`).
 """
@@ -69,6 +70,12 @@ INT8_EXCLUDE_MODULES = ("lm_head",)
 # answer positions whose argmax differs from fp32's from 0.023 to 0.016 and the KL from 0.060 to 0.036
 # (the vision graph: 0.023, 0.038), for 38 MiB of graph; they write the K/V that the answer reads.
 INT8_EXCLUDE_MODULE_TYPES = ("down_proj", "k_proj", "v_proj")
+# s8s8 keeps q_proj fp32 as well, so the post-norm input shared by q/k/v_proj (lopsided ranges such
+# as -1.1..5.4, where a symmetric scale leaves ~40% of the int8 range unused) is not quantized at all.
+# Chosen on 24 held-out TRAIN prompts (text_needle, describe), teacher-forced, after attention was
+# excluded from quantization: q_proj cut s8s8's answer KL from 0.108 to 0.022 at the same flip rate
+# (0.056); o_proj, gate_proj or the vision graph did no better (results/int8_sensitivity_s8s8.json).
+INT8_FLAVOUR_FP32_TYPES = {"u8s8": INT8_EXCLUDE_MODULE_TYPES, "s8s8": INT8_EXCLUDE_MODULE_TYPES + ("q_proj",)}
 # Graphs copied as fp32 by INT8 exports. decode: on 24 held-out text_needle TRAIN prompts,
 # teacher-forced (scripts/int8_sensitivity.py), an fp32 decode graph cut the answer positions whose
 # argmax differs from fp32's from 0.064 to 0.038 and the KL from 0.089 to 0.043: the code word's later
@@ -625,8 +632,8 @@ def convert_export(src: str | Path, dst: str | Path, precision: str, flavour: st
                    force: bool = False, progress: Callable[[str], None] = lambda message: None,
                    keep_fp32_types: Sequence[str] | None = None, keep_fp32_graphs: Sequence[str] | None = None) -> dict:
     """``precision``: fp16 | int8 (with ``flavour`` u8s8 | s8s8) | int8-u8s8 | int8-s8s8.
-    ``keep_fp32_types``: int8 only, the decoder projection types kept fp32 (None:
-    :data:`INT8_EXCLUDE_MODULE_TYPES`); a type that names no weight MatMul of the decoder is refused,
+    ``keep_fp32_types``: int8 only, the decoder projection types kept fp32 (None: the flavour's,
+    :data:`INT8_FLAVOUR_FP32_TYPES`); a type that names no weight MatMul of the decoder is refused,
     since it would silently keep nothing. ``keep_fp32_graphs``: int8 only, the graphs (vision, prefill,
     decode) copied as fp32 (None: :data:`INT8_FP32_GRAPHS`)."""
     if precision.startswith("int8-"):
@@ -641,7 +648,7 @@ def convert_export(src: str | Path, dst: str | Path, precision: str, flavour: st
             raise PrecisionError(str(exc)) from None
         if source.get("precision", "fp32") != "fp32":
             raise PrecisionError(f"{src} is a {source['precision']} export: convert from the fp32 export")
-        types = INT8_EXCLUDE_MODULE_TYPES if keep_fp32_types is None else tuple(keep_fp32_types)
+        types = INT8_FLAVOUR_FP32_TYPES[flavour] if keep_fp32_types is None else tuple(keep_fp32_types)
         _check_module_types(src, source, types)
         graphs = INT8_FP32_GRAPHS if keep_fp32_graphs is None else tuple(keep_fp32_graphs)
         unknown = sorted(set(graphs) - set(source["graphs"]))
