@@ -64,9 +64,14 @@ def int8_fp32_parts(manifest: dict) -> tuple[list[str], list[str]] | None:
     if not manifest.get("precision", "").startswith("int8"):
         return None
     conversion = manifest["conversion"]
-    if any(g["quantized"] and "activation_matmuls_fp32" not in g for g in conversion["graphs"].values()):
-        return "stale: attention MatMuls quantized (before 2026-12-05)", []
     return conversion["exclude_module_types"], sorted(r for r, g in conversion["graphs"].items() if not g["quantized"])
+
+
+def attention_quantized(manifest: dict) -> bool:
+    """An int8 export written before 2026-12-05, which quantized the attention MatMuls too (its
+    manifest has no count of the activation MatMuls kept fp32): never reused."""
+    graphs = manifest.get("conversion", {}).get("graphs", {})
+    return any(g["quantized"] and "activation_matmuls_fp32" not in g for g in graphs.values())
 
 
 def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | None = None,
@@ -86,7 +91,7 @@ def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | Non
         manifest = read_manifest(folder, verify_hashes=False)
         wanted = (list(INT8_FLAVOUR_FP32_TYPES[precision[5:]] if keep_fp32 is None else keep_fp32),
                   sorted(INT8_FP32_GRAPHS if fp32_graphs is None else fp32_graphs)) if int8 else None
-        if int8_fp32_parts(manifest) == wanted and \
+        if int8_fp32_parts(manifest) == wanted and not attention_quantized(manifest) and \
                 manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
             log(f"reusing {folder}")
             return folder

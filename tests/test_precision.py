@@ -562,6 +562,7 @@ def test_precision_table_treats_an_int8_export_with_quantized_attention_as_stale
     graphs = {"vision": {"quantized": True, "activation_matmuls_fp32": 24}, "decode": {"quantized": False}}
     manifest = {"precision": "int8-u8s8", "conversion": {"exclude_module_types": ["down_proj"], "graphs": graphs}}
     assert table.int8_fp32_parts(manifest) == (["down_proj"], ["decode"])
+    assert not table.attention_quantized(manifest)
     del graphs["vision"]["activation_matmuls_fp32"]              # written before attention was excluded
-    assert table.int8_fp32_parts(manifest) != (["down_proj"], ["decode"])
-    assert table.int8_fp32_parts({"precision": "fp32"}) is None
+    assert table.attention_quantized(manifest)
+    assert table.int8_fp32_parts({"precision": "fp32"}) is None and not table.attention_quantized({"precision": "fp32"})

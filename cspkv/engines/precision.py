@@ -402,8 +402,8 @@ def calibrate_ranges(model_path: Path, reader, cache: Path | None):
     """onnxruntime's MinMax ranges (TensorsData) of the activation inputs and the outputs of the
     weight MatMul/Gemm nodes, from the cache file when present (saved there otherwise).
 
-    Only those: QDQ quantization of weight MatMuls (MatMulConstBOnly) reads no other range (it puts
-    Q/DQ on each quantized MatMul's input and output). Observing the other MatMuls as well
+    Only those: quantizing the weight MatMuls (the only ones quantize_int8 quantizes) reads no other
+    range (QDQ puts Q/DQ on each quantized MatMul's input and output). Observing the other MatMuls as well
     (onnxruntime's default for op type MatMul) takes in each head's P x P attention products: at
     P_max 2048 the default model's prefill calibration was killed for memory at 24 GiB.
     """
