@@ -145,10 +145,10 @@ def test_int8_calibrates_only_weight_matmul_inputs_and_quantizes_as_full_calibra
     """The reference is onnxruntime's own MinMax calibration of every MatMul input and output; the
     narrower calibration (weight MatMul activations only, what bounds memory at long P_max) must give
     the same ranges for those inputs and byte-identical quantized graphs."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    from cspkv.engines.precision import activation_matmuls, calibrate_ranges, int8_options, weight_matmuls
+    from cspkv.engines.precision import calibrate_ranges, int8_options, quantize_weight_matmuls, weight_matmul_tensors
 
     manifest = read_manifest(fp32)
     calibration = build_calibration_set(fp32, "auto")
@@ -164,20 +164,15 @@ def test_int8_calibrates_only_weight_matmul_inputs_and_quantizes_as_full_calibra
         full = calibrator.compute_data()
         save_tensors_data(full, tmp_path / f"{role}-full.json")
         model = onnx.load(str(path))
-        nodes = weight_matmuls(model)
-        observed = {t for n in model.graph.node if n.name in nodes for t in (n.input[0], n.output[0])}
+        observed = weight_matmul_tensors(model)
         assert set(narrow.data) == observed and observed < set(full.data)
         for name in observed:
             np.testing.assert_array_equal(narrow.data[name].range_value, full.data[name].range_value)
         graphs = {}
         for kind in ("narrow", "full"):
             reader.rewind()
-            quantize_static(str(path), str(tmp_path / f"{role}-{kind}.onnx"), reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                            nodes_to_exclude=activation_matmuls(model),
-                            calibrate_method=CalibrationMethod.MinMax,
-                            calibration_cache_path=tmp_path / f"{role}-{kind}.json",
-                            **{k: (dict(v) if k == "extra_options" else v) for k, v in options.items()})
+            quantize_weight_matmuls(path, tmp_path / f"{role}-{kind}.onnx", model, reader, options, [],
+                                    tmp_path / f"{role}-{kind}.json")
             graphs[kind] = (tmp_path / f"{role}-{kind}.onnx").read_bytes()
         assert graphs["narrow"] == graphs["full"], role
 

@@ -182,7 +182,6 @@ class Exports:
         if out.is_file() and meta.is_file():
             return out
         import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
         from cspkv.engines import precision as pr
 
@@ -192,16 +191,13 @@ class Exports:
         reader = calibration.reader("decode", None)
         source = shared["decode_dynamic"]
         model = onnx.load(str(source))
-        ranges = pr.calibrate_ranges(source, reader, None)
-        outliers = pr.outlier_matmuls(model, ranges)
-        excluded = sorted(set(pr.module_nodes(model, pr.INT8_EXCLUDE_MODULES)) | set(outliers))
-        options = pr.int8_options("u8s8")
-        reader.rewind()
-        quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                        reduce_range=options["reduce_range"], activation_type=options["activation_type"],
-                        weight_type=options["weight_type"], nodes_to_exclude=excluded + pr.activation_matmuls(model),
-                        calibrate_method=CalibrationMethod.MinMax, extra_options=dict(options["extra_options"]))
+        with tempfile.TemporaryDirectory(prefix="cspkv-bench-ranges-") as tmp:
+            ranges_cache = Path(tmp) / "decode.json"      # calibrated once, read again by the quantizer
+            ranges = pr.calibrate_ranges(source, reader, ranges_cache)
+            outliers = pr.outlier_matmuls(model, ranges)
+            excluded = sorted(set(pr.module_nodes(model, pr.INT8_EXCLUDE_MODULES)) | set(outliers))
+            reader.rewind()
+            pr.quantize_weight_matmuls(source, out, model, reader, pr.int8_options("u8s8"), excluded, ranges_cache)
         meta.write_text(json.dumps({"flavour": "u8s8", "excluded_fp32": len(excluded),
                                                "calibration": calibration.meta}, default=str))
         return out

@@ -393,17 +393,41 @@ def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
 def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMul/Gemm nodes whose both operands are activations (attention Q.K^T and P.V,
     the pruning scores). onnxruntime's QDQ quantizer ignores MatMulConstBOnly (only its QOperator
-    format honours it), so quantize_int8 must exclude these by name to quantize weight MatMuls only."""
+    format honours it), so :func:`quantize_weight_matmuls` excludes these by name."""
     weights = weight_matmuls(model)
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in weights]
+
+
+def weight_matmul_tensors(model: onnx.ModelProto) -> set[str]:
+    """The activation input and the output of every weight MatMul/Gemm: the tensors whose ranges
+    QDQ quantization of those MatMuls reads (it puts Q/DQ on each one's input and output)."""
+    nodes = weight_matmuls(model)
+    return {t for n in model.graph.node if n.name in nodes for t in (n.input[0], n.output[0])}
+
+
+def quantize_weight_matmuls(src: Path, dst: Path, model: onnx.ModelProto, reader, options: dict,
+                            excluded: list[str], ranges_cache: Path, per_channel: bool = True) -> list[str]:
+    """QDQ-quantize the weight MatMuls of the graph at ``src`` (``model``, loaded) to ``dst`` with the
+    ranges in ``ranges_cache`` (:func:`calibrate_ranges`), except the nodes in ``excluded``; every
+    activation MatMul stays fp32. Returns the names of those activation MatMuls."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    attention = activation_matmuls(model)
+    quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+                    reduce_range=options["reduce_range"], activation_type=options["activation_type"],
+                    weight_type=options["weight_type"], nodes_to_exclude=list(excluded) + attention,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options=dict(options["extra_options"]), calibration_cache_path=ranges_cache)
+    return attention
 
 
 def calibrate_ranges(model_path: Path, reader, cache: Path | None):
     """onnxruntime's MinMax ranges (TensorsData) of the activation inputs and the outputs of the
     weight MatMul/Gemm nodes, from the cache file when present (saved there otherwise).
 
-    Only those: quantizing the weight MatMuls (the only ones quantize_int8 quantizes) reads no other
-    range (QDQ puts Q/DQ on each quantized MatMul's input and output). Observing the other MatMuls as well
+    Only those (:func:`weight_matmul_tensors`): quantizing the weight MatMuls, the only ones
+    :func:`quantize_weight_matmuls` quantizes, reads no other range. Observing the other MatMuls as well
     (onnxruntime's default for op type MatMul) takes in each head's P x P attention products: at
     P_max 2048 the default model's prefill calibration was killed for memory at 24 GiB.
     """
@@ -418,9 +442,7 @@ def calibrate_ranges(model_path: Path, reader, cache: Path | None):
     class WeightInputCalibrater(MinMaxCalibrater):
         def select_tensors_to_calibrate(self, model):
             tensors, value_infos = super().select_tensors_to_calibrate(model)
-            nodes = weight_matmuls(model)
-            wanted = {t for n in model.graph.node if n.name in nodes for t in (n.input[0], n.output[0])}
-            return tensors & wanted, value_infos
+            return tensors & weight_matmul_tensors(model), value_infos
 
     with tempfile.TemporaryDirectory(prefix="cspkv-calib-") as tmp:
         inferred = Path(tmp) / "model.onnx"
@@ -501,8 +523,6 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
     weights) for experiments."""
     import tempfile
 
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-
     options = int8_options(flavour)
     if reduce_range is not None:  # an experiment's override: u8s8's 7-bit weights are a CPU-portability choice
         options["reduce_range"] = reduce_range
@@ -568,13 +588,8 @@ def quantize_int8(src: str | Path, dst: str | Path, flavour: str, calibration, f
             typed = set(module_type_nodes(model, exclude_module_types)) if decoder else set()
             excluded = sorted(set(module_nodes(model, exclude_modules)) | set(nodes_to_exclude) | set(outliers)
                               | followed | typed)
-            attention = activation_matmuls(model)
-            quantize_static(str(plan["path"]), str(dst / name), reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
-                            reduce_range=options["reduce_range"], activation_type=options["activation_type"],
-                            weight_type=options["weight_type"], nodes_to_exclude=excluded + attention,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options=dict(options["extra_options"]), calibration_cache_path=cache)
+            attention = quantize_weight_matmuls(plan["path"], dst / name, model, reader, options, excluded, cache,
+                                                per_channel=per_channel)
             quantized = sum(1 for node in onnx.load(str(dst / name)).graph.node if node.op_type == "DequantizeLinear")
             conversion["graphs"][role] = {
                 "quantized": True, "weight_matmuls": len(weight_matmuls(model)), "excluded_nodes": excluded,
