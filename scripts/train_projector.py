@@ -20,10 +20,15 @@ cached under ``~/.cache/cspkv``. The weights are written (fp32, atomically) to
 the end. Everything is seeded: step i always sees the same conversation and the learning-rate
 schedule depends on ``--max-steps`` only, so a run stopped by ``--minutes`` is a prefix of the full
 run, and ``--continue-from-step N`` carries on from the written weights (Adam's moments restart, so
-it warms up again). The committed weights come from two runs on a 2-core CPU (about 13 s a step)::
+it warms up again). The committed weights come from three runs on a 2-core CPU (about 13 s a step)::
 
-    python scripts/train_projector.py --max-steps 380 --minutes 55          # stopped at step 260
-    python scripts/train_projector.py --max-steps 380 --continue-from-step 260 --warmup 10 --minutes 34
+    python scripts/train_projector.py --context-format prefix --max-steps 380 --minutes 55   # stopped at step 260
+    python scripts/train_projector.py --context-format prefix --max-steps 380 --continue-from-step 260 --warmup 10 --minutes 34
+    python scripts/train_projector.py --max-steps 700 --continue-from-step 380 --warmup 10 --minutes 50
+
+The first 380 steps wrote each image as ``Image k: <image>``; image_needle stayed at chance, so the
+benchmark's images gained a trailing label (``easyvqa_tasks.image_line``) and the third run goes on
+in that format, on a longer schedule (its learning rate resumes at the 700-step cosine's value).
 """
 
 from __future__ import annotations
@@ -224,7 +229,7 @@ def end_to_end(model, processor, index: dict, features: torch.Tensor, labels: di
     step, window, per_kind = args.continue_from_step, [], {}
     while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
         conv = td.make_conversation(f"{args.seed}:{step}", pool, labels, min_images=args.min_images,
-                                    max_images=args.max_images)
+                                    max_images=args.max_images, context_format=args.context_format)
         token_ids, supervised = td.conversation_tokens(conv, processor.tokenizer, processor.num_image_tokens)
         ids = torch.tensor([token_ids])
         sup = torch.tensor(supervised)
@@ -274,6 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--min-images", type=int, default=3)
     parser.add_argument("--max-images", type=int, default=10)
+    parser.add_argument("--context-format", choices=ev.CONTEXT_FORMATS, default=ev.CONTEXT_FORMAT,
+                        help="how images are written in the training prompts (prefix: steps 1-380 of the committed weights)")
     parser.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
     parser.add_argument("--ckpt-minutes", type=float, default=8.0)
     parser.add_argument("--log-every", type=int, default=10)

@@ -32,3 +32,4 @@ def test_demo_images_and_prompt_placeholders():
 
     prompt = chat_prompt(NoTemplate(), "Which one?", 3)
     assert prompt.count("<image>") == 3 and prompt.endswith("Which one?")
+    assert prompt.startswith("Image 1: <image> (end of image 1)\nImage 2: <image> (end of image 2)\n")

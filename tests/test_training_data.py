@@ -160,3 +160,20 @@ def test_lora_file_for_another_model_is_refused_whole():
     with pytest.raises(ValueError, match="lacks lora_A or lora_B"):
         lora.merge(model, {"layers.0.q_proj.lora_A": torch.ones(2, 6)})
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing merged partly
+
+
+def test_training_contexts_use_the_benchmarks_image_lines_and_the_earlier_format_on_request():
+    labels = ev.load_labels("train")
+    pool = sorted(labels)
+    for seed in range(40):
+        conv = td.make_conversation(seed, pool, labels)
+        lines = [line for line in conv.context.split("\n") if ev.IMAGE_TOKEN in line]
+        assert lines == [ev.image_line(k) for k in range(1, len(conv.image_ids) + 1)]
+        assert lines[-1].endswith(f"{ev.IMAGE_TOKEN} (end of image {len(lines)})")
+        old = td.make_conversation(seed, pool, labels, context_format="prefix")
+        # The same draw (images, needle, questions); only the image lines differ.
+        assert old.image_ids == conv.image_ids and old.questions == conv.questions
+        assert [line for line in old.context.split("\n") if ev.IMAGE_TOKEN in line] == [
+            f"Image {k}: {ev.IMAGE_TOKEN}" for k in range(1, len(conv.image_ids) + 1)]
+    with pytest.raises(ValueError, match="unknown context format 'suffix'"):
+        ev.image_line(1, "suffix")

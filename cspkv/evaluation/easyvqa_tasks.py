@@ -6,7 +6,7 @@ questions give every image's colour and shape (read off by :func:`load_labels`; 
 images whose questions do not pin both down are left out of the pools). Images are upscaled to
 224x224 (bilinear) for the default model's DINOv2 tower, so every image becomes 256 visual tokens.
 
-Every prompt holds 4-16 images, each introduced as ``Image k: <image>``. The tasks, and which few
+Every prompt holds 4-16 images, each written as ``Image k: <image> (end of image k)``. The tasks, and which few
 visual tokens each answer depends on (what a KV-cache pruner must keep):
 
 ``image_needle`` (multiple choice)
@@ -62,6 +62,7 @@ __all__ = [
     "build_prompt",
     "extract_choice",
     "generate_samples",
+    "image_line",
     "load_image",
     "load_labels",
     "option_letter",
@@ -77,6 +78,8 @@ OPEN_ENDED_TASKS = ("describe",)
 TASKS = MULTIPLE_CHOICE_TASKS + OPEN_ENDED_TASKS
 SPLITS = ("train", "test")
 IMAGE_TOKEN = "<image>"
+CONTEXT_FORMATS = ("labelled", "prefix")
+CONTEXT_FORMAT = "labelled"  # the benchmark's; part of every sweep record (see image_line)
 IMAGE_SIZE = 224
 MIN_IMAGES, MAX_IMAGES = 4, 16
 TEST_SEED = 20240601
@@ -249,10 +252,27 @@ def _mc(rng: random.Random, correct: str, distractors: list[str], n_options: int
     return tuple(options), option_letter(options.index(correct))
 
 
+def image_line(k: int, context_format: str = CONTEXT_FORMAT) -> str:
+    """How image ``k`` (1-based) enters the prompt.
+
+    ``labelled`` (the benchmark's format) names the image before and after its tokens. The
+    trailing label sits right after the image, so its tokens can gather what the image shows; a
+    question that starts from content ("which image shows the red triangle?") then finds the
+    image's number next to that content. With the number only in front (``prefix``, the format the
+    first 380 training steps used), the 256 image tokens themselves have to carry their number,
+    and the default model never learned that (image_needle stayed at chance).
+    """
+    if context_format == "prefix":
+        return f"Image {k}: {IMAGE_TOKEN}"
+    if context_format == "labelled":
+        return f"Image {k}: {IMAGE_TOKEN} (end of image {k})"
+    raise ValueError(f"unknown context format {context_format!r}; use one of {CONTEXT_FORMATS}")
+
+
 def _context(n_images: int, rng: random.Random | None = None, needle: tuple[int, str] | None = None) -> str:
     lines = []
     for k in range(1, n_images + 1):
-        lines.append(f"Image {k}: {IMAGE_TOKEN}")
+        lines.append(image_line(k))
         if needle is not None and needle[0] == k:
             lines.append(needle[1])
         elif needle is not None and rng is not None:

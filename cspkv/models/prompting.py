@@ -6,10 +6,15 @@ import numpy as np
 
 
 def chat_prompt(processor, question: str, n_images: int) -> str:
-    """The question with one image placeholder per image, in the tokenizer's chat template."""
+    """The question with one image placeholder per image, in the tokenizer's chat template.
+
+    Images are written as the benchmark writes them (``Image k: <image> (end of image k)``), the
+    layout the default model was trained on."""
+    from cspkv.evaluation.easyvqa_tasks import IMAGE_TOKEN, image_line
+
     tokenizer = getattr(processor, "tokenizer", processor)
-    placeholder = getattr(processor, "image_token", "<image>")
-    content = "".join(f"Image {i + 1}: {placeholder}\n" for i in range(n_images)) + question
+    placeholder = getattr(processor, "image_token", IMAGE_TOKEN)
+    content = "".join(image_line(i + 1).replace(IMAGE_TOKEN, placeholder) + "\n" for i in range(n_images)) + question
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)

@@ -109,8 +109,12 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
 
 
 def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, max_images: int = 10,
-                      n_questions: tuple[int, int] = (4, 8), needle_prob: float = 0.3) -> Conversation:
-    """One seeded conversation over train-split images ``pool`` (``labels``: id -> (colour, shape))."""
+                      n_questions: tuple[int, int] = (4, 8), needle_prob: float = 0.3,
+                      context_format: str = ev.CONTEXT_FORMAT) -> Conversation:
+    """One seeded conversation over train-split images ``pool`` (``labels``: id -> (colour, shape)).
+
+    ``context_format`` is how each image line is written (:func:`easyvqa_tasks.image_line`); only
+    re-running the committed weights' early steps needs anything but the benchmark's own."""
     rng = random.Random(f"conversation:{seed}")
     n = rng.randint(min_images, max_images)
     focus = None
@@ -134,7 +138,7 @@ def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, 
     if needle_after is not None:
         code_word = rng.choice(ev.CODE_WORDS)
     for k in range(1, n + 1):  # the benchmark's context layout (_context in easyvqa_tasks)
-        lines.append(f"Image {k}: {ev.IMAGE_TOKEN}")
+        lines.append(ev.image_line(k, context_format))
         if needle_after == k:
             lines.append(f"The code word is {code_word}.")
         elif needle_after is not None:
