@@ -1,5 +1,6 @@
 """csp-eval's sweep: one prefill per prompt, every policy and budget, baselines, MileBench items, errors."""
 
+import dataclasses
 import math
 
 import pytest
@@ -100,6 +101,24 @@ def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_
         model.lm_head.weight[0, 0] += 1.0
     sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
     assert len(calls) == 2 * len(items)
+    # Nor records of the same sample id written for another prompt (a changed prompt format).
+    calls.clear()
+    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 0
+    reworded = [dataclasses.replace(i, prompt_key=sweep.prompt_digest("reworded", i.sample_id)) for i in items]
+    sweep.run_sweep(model, DigitTokenizer(), reworded, policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 2 * len(items)
+
+
+def test_easyvqa_items_key_their_records_by_prompt_text_and_images():
+    from cspkv.evaluation import easyvqa_tasks as ev
+
+    items = sweep.easyvqa_items(["attribute", "describe"], processor=None, limit=3)
+    keys = [i.prompt_key for i in items]
+    assert len(set(keys)) == len(keys) and all(len(k) == 16 for k in keys)
+    sample = ev.test_samples("attribute", 1)[0]
+    assert keys[0] == sweep.prompt_digest(ev.prompt_text(sample), sample.image_ids)
+    assert "(end of image 1)" in ev.prompt_text(sample)
 
 
 def test_interleave_takes_tasks_round_robin_and_a_spent_time_budget_starts_nothing():

@@ -32,6 +32,15 @@ class EvalItem:
     score: Callable[[str], float]
     answer: str                               # for the majority baseline
     question_type: str                        # "multi-choice" | "open-ended"
+    prompt_key: str = ""                      # prompt_digest(...): a record is reused only for the same key
+
+
+def prompt_digest(*parts) -> str:
+    """Short digest of what makes a prompt (its text, its image ids or paths); a changed prompt
+    format then never reuses an earlier sweep's record for the same sample id."""
+    import hashlib
+
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def easyvqa_items(tasks: list[str], processor, limit: int) -> list[EvalItem]:
@@ -47,7 +56,8 @@ def easyvqa_items(tasks: list[str], processor, limit: int) -> list[EvalItem]:
                 return ev.build_prompt(sample, processor, images=images)
 
             items.append(EvalItem(task, sample.sample_id, build, lambda reply, s=sample: ev.score(s, reply),
-                                  sample.answer, sample.question_type))
+                                  sample.answer, sample.question_type,
+                                  prompt_digest(ev.prompt_text(sample), sample.image_ids)))
     return items
 
 
@@ -78,7 +88,8 @@ def milebench_items(root, tasks: list[str], processor, limit: int, errors: list[
                 result = mb.score_predictions(name, [pred], question_type=kind)
                 return float(next(v for k, v in result.items() if not isinstance(v, dict)))
 
-            items.append(EvalItem(task, str(sample.sample_id), build, score, sample.answer, loaded.question_type))
+            items.append(EvalItem(task, str(sample.sample_id), build, score, sample.answer, loaded.question_type,
+                                  prompt_digest(sample.prompt, tuple(map(str, sample.image_paths)))))
     return items
 
 
@@ -194,7 +205,9 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
         def reusable(record):  # same weights and decoding, and every cell this sweep needs
             return all(record.get(k) == v for k, v in setting.items()) and all(
                 str(b) in record["cells"].get(name, {}) for name in policies for b in (budgets if name != FULL else [1.0]))
-        done = {(r["task"], r["sample_id"]): r for r in read_records(records_path) if reusable(r)}
+        keys = {(item.task, item.sample_id): item.prompt_key for item in items}
+        done = {(r["task"], r["sample_id"]): r for r in read_records(records_path)
+                if reusable(r) and r.get("prompt_key", "") == keys.get((r["task"], r["sample_id"]))}
     started = time.perf_counter()
     for index, item in enumerate(interleave(items)):
         if minutes is not None and time.perf_counter() - started > minutes * 60:
@@ -203,7 +216,8 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
         if (item.task, item.sample_id) in done:
             progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} (recorded earlier)")
             continue
-        record = {**evaluate_item(reference, tokenizer, item, pruning, budgets, max_new_tokens), **setting}
+        record = {**evaluate_item(reference, tokenizer, item, pruning, budgets, max_new_tokens), **setting,
+                  "prompt_key": item.prompt_key}
         done[(item.task, item.sample_id)] = record
         if records_path is not None:
             with open(records_path, "a") as fh:
