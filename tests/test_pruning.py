@@ -129,6 +129,41 @@ def test_n_softmax_formula_stability_and_n_zero():
     assert weak < 0.03
 
 
+def test_eager_n_softmax_equals_the_graph_form_and_window_probabilities_match_under_export():
+    """n_softmax_eager (the reference's fast path) against n_softmax (what graphs contain): plain,
+    huge, partly and fully masked rows, n = 0 and n > 0; and window_probabilities takes the graph
+    form while an exporter traces it, the same values either way."""
+    from cspkv.pruning.base import PruningPolicy, n_softmax_eager
+
+    x = torch.randn(3, 4, 33, dtype=torch.float64) * 4
+    x[0, 1, 5:] = float("-inf")
+    x[1, 2] = float("-inf")
+    x[2, 0] = torch.linspace(-1e4, 1e4, 33, dtype=torch.float64)
+    for n in (0.0, 0.5, 1.0, 7.0):
+        torch.testing.assert_close(n_softmax_eager(x.clone(), n=n), n_softmax(x, n=n), rtol=1e-12, atol=1e-15)
+        assert torch.equal(n_softmax_eager(x.clone(), n=n)[1, 2], torch.zeros(33, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        n_softmax_eager(x, n=-1.0)
+
+    logits, key_mod, query_mod = random_inputs(5, heads=2, groups=3, length=40, window=6, n_pad_rows=2)
+    key_mod[:, :3] = -1                                        # padded keys too
+    for n in (0.0, 2.0):
+        eager = PruningPolicy.window_probabilities(logits, key_mod, query_mod, n=n)
+        expected = n_softmax(logits.float().masked_fill(~(key_mod >= 0)[:, None, None, None, :], float("-inf")), n=n)
+        expected = expected * (query_mod >= 0)[:, None, None, :, None]
+        torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-7)
+        assert (eager[..., :3] == 0).all()
+
+        class Probs(torch.nn.Module):
+            def forward(self, logits, key_mod, query_mod):
+                return PruningPolicy.window_probabilities(logits, key_mod, query_mod, n=n)
+
+        program = torch.export.export(Probs(), (logits, key_mod, query_mod))
+        ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert "aten.amax.default" in ops and not any("logsumexp" in op for op in ops)
+        torch.testing.assert_close(program.module()(logits, key_mod, query_mod), expected, rtol=1e-5, atol=1e-7)
+
+
 def _text_queries_attend_to_two_image_keys():
     """60 positions: text 0-3, image 4-43, text 44-59. Every query sees the text prefix strongly;
     image queries also attend to early image keys; the window's text queries attend moderately to
