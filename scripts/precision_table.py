@@ -38,25 +38,37 @@ def log(message: str) -> None:
 
 def fp32_export(model_name, budget, args, work: Path) -> Path:
     from cspkv.export.exporter import ExportPlan, export_model
-    from cspkv.export.manifest import ManifestError, read_manifest
+    from cspkv.export.manifest import ManifestError, model_fingerprint, read_manifest
     from cspkv.models.registry import load_model
 
     folder = work / f"budget-{budget}-fp32"
-    try:
-        plan = read_manifest(folder, verify_hashes=False)["plan"]
-        if (plan["budget"], plan["max_prompt"], plan["decode_slots"]) == (budget, args.max_prompt, args.decode_slots):
-            log(f"reusing {folder}")
-            return folder
-    except ManifestError:
-        pass
     if not hasattr(fp32_export, "model"):
         fp32_export.model = load_model(model_name)
     net, processor, model_id = fp32_export.model
+    try:
+        manifest = read_manifest(folder, verify_hashes=False)
+        plan = manifest["plan"]
+        # Same plan *and* same weights: an export of weights since retrained is never reused.
+        if (plan["budget"], plan["max_prompt"], plan["decode_slots"]) == (budget, args.max_prompt, args.decode_slots) \
+                and manifest["model"]["fingerprint"] == model_fingerprint(net):
+            log(f"reusing {folder}")
+            return folder
+    except (ManifestError, KeyError):
+        pass
     plan = ExportPlan.make(net, "csp", {}, budget, args.max_prompt, args.decode_slots, 0.0)
     start = time.perf_counter()
     export_model(net, folder, plan, model_id, force=True, processor=processor, progress=log)
     log(f"exported {folder} in {time.perf_counter() - start:.0f} s")
     return folder
+
+
+def check_resumable(previous: dict, fingerprint: str, out: Path) -> None:
+    """Refuse to add rows to a JSON whose rows came from other weights (or from before the weights'
+    fingerprint was recorded): a table mixing two models' rows would compare nothing."""
+    if previous.get("rows") and previous.get("model_fingerprint") != fingerprint:
+        raise SystemExit(f"{out} holds rows of other weights (model fingerprint "
+                         f"{previous.get('model_fingerprint', 'not recorded')}, now {fingerprint}): "
+                         "drop --resume or write to another --out")
 
 
 def int8_fp32_parts(manifest: dict) -> tuple[list[str], list[str]] | None:
@@ -306,8 +318,12 @@ def main(argv=None) -> int:
     done = {(r["budget"], r["precision"]) for r in rows}
     started = time.perf_counter()
     prompts = processor = None
+    from cspkv.export.manifest import read_manifest
+
     for budget in args.budgets:
         fp32 = fp32_export(args.model, budget, args, work)
+        fingerprint = read_manifest(fp32, verify_hashes=False)["model"]["fingerprint"]
+        check_resumable(previous, fingerprint, args.out)
         if prompts is None:
             prompts, processor = benchmark_prompts(args.model, args, fp32)
             log(f"{len(prompts)} prompts, {min(len(p[1]) for p in prompts)}-{max(len(p[1]) for p in prompts)} tokens")
@@ -322,7 +338,7 @@ def main(argv=None) -> int:
             rows.append(row)
             log(f"budget {budget} {precision}: accuracy {row['accuracy']}, decode {row['decode_ms_median']:.1f} ms/step "
                 f"({row['eval_seconds']} s)")
-            payload = {"model": args.model, "selection": {
+            payload = {"model": args.model, "model_fingerprint": fingerprint, "selection": {
                 "prompts": "easy-VQA test_samples(task) in order, first N per task with <= max_prompt tokens"
                            if args.model != "tiny" else "tiny synthetic multi_image_prompt",
                 "n_per_task": args.n_per_task, "tasks": args.tasks or "all", "max_prompt": args.max_prompt,

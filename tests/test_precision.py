@@ -561,3 +561,14 @@ def test_precision_table_treats_an_int8_export_with_quantized_attention_as_stale
     del graphs["vision"]["activation_matmuls_fp32"]              # written before attention was excluded
     assert table.attention_quantized(manifest)
     assert table.int8_fp32_parts({"precision": "fp32"}) is None and not table.attention_quantized({"precision": "fp32"})
+
+
+def test_precision_table_resumes_only_rows_of_the_same_weights(tmp_path):
+    table = _precision_table_script()
+    out = tmp_path / "p.json"
+    table.check_resumable({}, "abc", out)                                       # nothing to resume
+    table.check_resumable({"rows": [{}], "model_fingerprint": "abc"}, "abc", out)
+    with pytest.raises(SystemExit, match="other weights .*fingerprint def, now abc.*drop --resume"):
+        table.check_resumable({"rows": [{}], "model_fingerprint": "def"}, "abc", out)
+    with pytest.raises(SystemExit, match="not recorded"):                       # written before fingerprints
+        table.check_resumable({"rows": [{}]}, "abc", out)
