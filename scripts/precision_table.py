@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     done = {(r["budget"], r["precision"]) for r in rows}
     started = time.perf_counter()
     prompts = processor = None
-    from cspkv.export.manifest import read_manifest
+    from cspkv.export.manifest import read_manifest  # after argument parsing: --help stays fast
 
     for budget in args.budgets:
         fp32 = fp32_export(args.model, budget, args, work)

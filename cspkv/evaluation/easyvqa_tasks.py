@@ -6,8 +6,8 @@ questions give every image's colour and shape (read off by :func:`load_labels`; 
 images whose questions do not pin both down are left out of the pools). Images are upscaled to
 224x224 (bilinear) for the default model's DINOv2 tower, so every image becomes 256 visual tokens.
 
-Every prompt holds 4-16 images, each written as ``Image k: <image> (end of image k)``. The tasks, and which few
-visual tokens each answer depends on (what a KV-cache pruner must keep):
+Every prompt holds 4-16 images, each written as ``Image k: <image> (end of image k)``. The tasks,
+and which few visual tokens each answer depends on (what a KV-cache pruner must keep):
 
 ``image_needle`` (multiple choice)
     "Which image shows the red triangle?", options are image numbers. Exactly one image matches,
@@ -79,7 +79,7 @@ TASKS = MULTIPLE_CHOICE_TASKS + OPEN_ENDED_TASKS
 SPLITS = ("train", "test")
 IMAGE_TOKEN = "<image>"
 CONTEXT_FORMATS = ("labelled", "prefix")
-CONTEXT_FORMAT = "labelled"  # the benchmark's; part of every sweep record (see image_line)
+CONTEXT_FORMAT = "labelled"  # the benchmark's (see image_line)
 IMAGE_SIZE = 224
 MIN_IMAGES, MAX_IMAGES = 4, 16
 TEST_SEED = 20240601
