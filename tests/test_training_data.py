@@ -177,3 +177,28 @@ def test_training_contexts_use_the_benchmarks_image_lines_and_the_earlier_format
             f"Image {k}: {ev.IMAGE_TOKEN}" for k in range(1, len(conv.image_ids) + 1)]
     with pytest.raises(ValueError, match="unknown context format 'suffix'"):
         ev.image_line(1, "suffix")
+
+
+def test_benchmark_answer_mix_matches_the_benchmarks_answer_distribution():
+    """Training answers drawn like the benchmark's: comparison "yes" about half the time (random
+    pairs give ~25%), counts spread over 0..6 instead of mostly 0 or 1; "natural" keeps the old draw."""
+    labels = ev.load_labels("train")
+    pool = sorted(labels)
+
+    def answers(mix):
+        comparison, counts = [], []
+        for seed in range(300):
+            for q in td.make_conversation(seed, pool, labels, answers=mix).questions:
+                if q.kind == "comparison":
+                    comparison.append(q.target == "yes")
+                elif q.kind == "counting":
+                    counts.append(int(q.target))
+        return sum(comparison) / len(comparison), counts
+
+    yes, counts = answers("benchmark")
+    assert 0.4 < yes < 0.6
+    assert set(counts) == set(range(7)) and sum(c <= 1 for c in counts) / len(counts) < 0.45
+    natural_yes, natural_counts = answers("natural")
+    assert natural_yes < 0.35 and sum(c <= 1 for c in natural_counts) / len(natural_counts) > 0.5
+    with pytest.raises(ValueError, match="answers must be one of"):
+        td.make_conversation(0, pool, labels, answers="uniform")

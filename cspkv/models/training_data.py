@@ -69,7 +69,11 @@ def _count_question(rng: random.Random, labels: list[tuple[str, str]], a: int, v
     return Question("counting", f"How many images show {thing}?", *_options(rng, str(count), others))
 
 
-def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code_word: str | None) -> Question | None:
+ANSWER_MIXES = ("benchmark", "natural")
+
+
+def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code_word: str | None,
+              answers: str = "benchmark") -> Question | None:
     n = len(labels)
     attribute = rng.choice(("colour", "shape"))
     a = 0 if attribute == "colour" else 1
@@ -92,7 +96,15 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
     if kind == "comparison":
         if n < 2:
             return None
-        i, j = sorted(rng.sample(range(n), 2))
+        if answers == "benchmark":  # "yes" half the time, as in the benchmark (random pairs: ~25%)
+            want_same = rng.random() < 0.5
+            pairs = [(i, j) for i in range(n) for j in range(i + 1, n)
+                     if (labels[i][a] == labels[j][a]) == want_same]
+            if not pairs:
+                return None
+            i, j = rng.choice(pairs)
+        else:
+            i, j = sorted(rng.sample(range(n), 2))
         same = labels[i][a] == labels[j][a]
         return Question(kind, f"Do image {i + 1} and image {j + 1} show the same {attribute}?", ("yes", "no"),
                         "A" if same else "B")
@@ -110,11 +122,17 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
 
 def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, max_images: int = 10,
                       n_questions: tuple[int, int] = (4, 8), needle_prob: float = 0.3,
-                      context_format: str = ev.CONTEXT_FORMAT) -> Conversation:
+                      context_format: str = ev.CONTEXT_FORMAT, answers: str = "benchmark") -> Conversation:
     """One seeded conversation over train-split images ``pool`` (``labels``: id -> (colour, shape)).
 
-    ``context_format`` is how each image line is written (:func:`easyvqa_tasks.image_line`); only
-    re-running the committed weights' early steps needs anything but the benchmark's own."""
+    ``context_format`` is how each image line is written (:func:`easyvqa_tasks.image_line`).
+    ``answers="benchmark"`` gives answers the benchmark's distribution: comparison "yes" half the
+    time, and counting only through the set's drawn count (uniform 0..min(n, 6)). ``"natural"``
+    (what steps 1-700 of the committed weights saw) asks about random pairs and values, so 74% of
+    comparisons are "no" and more than half the counts are 0 or 1: a prior alone scores well there.
+    Only re-running those early steps needs anything but the defaults."""
+    if answers not in ANSWER_MIXES:
+        raise ValueError(f"answers must be one of {ANSWER_MIXES}, got {answers!r}")
     rng = random.Random(f"conversation:{seed}")
     n = rng.randint(min_images, max_images)
     focus = None
@@ -149,11 +167,12 @@ def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, 
         questions.append(_question("text_needle", rng, image_labels, code_word))
     if focus is not None:
         questions.append(_count_question(rng, image_labels, *focus))
-    kinds, weights = zip(*[(k, w) for k, w in QUESTION_MIX if k != "text_needle"])
+    skip = ("text_needle", "counting") if answers == "benchmark" else ("text_needle",)
+    kinds, weights = zip(*[(k, w) for k, w in QUESTION_MIX if k not in skip])
     for _ in range(8 * wanted):  # bounded: small sets may offer few distinct questions
         if len(questions) >= wanted:
             break
-        q = _question(rng.choices(kinds, weights=weights)[0], rng, image_labels, code_word)
+        q = _question(rng.choices(kinds, weights=weights)[0], rng, image_labels, code_word, answers)
         if q is not None and all(q.question != other.question for other in questions):
             questions.append(q)
     rng.shuffle(questions)
