@@ -42,15 +42,16 @@ def fp32_export(model_name, budget, args, work: Path) -> Path:
     from cspkv.models.registry import load_model
 
     folder = work / f"budget-{budget}-fp32"
-    if not hasattr(fp32_export, "model"):
+    if not hasattr(fp32_export, "model"):  # loaded and hashed once, for every budget
         fp32_export.model = load_model(model_name)
+        fp32_export.fingerprint = model_fingerprint(fp32_export.model[0])
     net, processor, model_id = fp32_export.model
     try:
         manifest = read_manifest(folder, verify_hashes=False)
         plan = manifest["plan"]
         # Same plan *and* same weights: an export of weights since retrained is never reused.
         if (plan["budget"], plan["max_prompt"], plan["decode_slots"]) == (budget, args.max_prompt, args.decode_slots) \
-                and manifest["model"]["fingerprint"] == model_fingerprint(net):
+                and manifest["model"]["fingerprint"] == fp32_export.fingerprint:
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):
@@ -318,11 +319,9 @@ def main(argv=None) -> int:
     done = {(r["budget"], r["precision"]) for r in rows}
     started = time.perf_counter()
     prompts = processor = None
-    from cspkv.export.manifest import read_manifest  # after argument parsing: --help stays fast
-
     for budget in args.budgets:
         fp32 = fp32_export(args.model, budget, args, work)
-        fingerprint = read_manifest(fp32, verify_hashes=False)["model"]["fingerprint"]
+        fingerprint = fp32_export.fingerprint  # the export's weights: reused only when they match
         check_resumable(previous, fingerprint, args.out)
         if prompts is None:
             prompts, processor = benchmark_prompts(args.model, args, fp32)
