@@ -33,7 +33,11 @@ their answers "naturally" (74% of comparisons "no", counts mostly 0-1), and the 
 comparison and counting from that prior, the same with images blanked. The defaults now draw
 answers the way the benchmark does; 120 more steps that way (``--max-steps 1000
 --continue-from-step 700 --minutes 14``) did not help on 8 test prompts per task and were not kept
-(``results/train_log.txt``).
+(``results/train_log.txt``). The fourth run trains worked replies for needle, counting and
+comparison (``--replies worked``, the default: the images read one by one, then ", so " and the
+answer; one such question per conversation, asked last)::
+
+    python scripts/train_projector.py --max-steps 1300 --continue-from-step 700 --warmup 10 --minutes 58
 """
 
 from __future__ import annotations
@@ -218,7 +222,7 @@ def learning_rate(base: float, step: int, args) -> float:
 
 
 def end_to_end(model, processor, index: dict, features: torch.Tensor, labels: dict, args,
-               deadline: float, ckpt) -> None:
+               deadline: float, ckpt) -> int:
     projector = model.model.multi_modal_projector
     embed_layer = model.get_input_embeddings()
     lm = model.model.language_model
@@ -235,7 +239,7 @@ def end_to_end(model, processor, index: dict, features: torch.Tensor, labels: di
     while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
         conv = td.make_conversation(f"{args.seed}:{step}", pool, labels, min_images=args.min_images,
                                     max_images=args.max_images, context_format=args.context_format,
-                                    answers=args.answers)
+                                    answers=args.answers, replies=args.replies)
         token_ids, supervised = td.conversation_tokens(conv, processor.tokenizer, processor.num_image_tokens)
         ids = torch.tensor([token_ids])
         sup = torch.tensor(supervised)
@@ -256,17 +260,25 @@ def end_to_end(model, processor, index: dict, features: torch.Tensor, labels: di
         opt.step()
         step += 1
         window.append(loss.item())
-        # Training accuracy of each answer's first token, per question kind.
-        starts = [t for t in targets.tolist() if not supervised[t - 1]]
-        hits = (logits.argmax(-1) == ids[0, targets])[[targets.tolist().index(t) for t in starts]]
-        for q, hit in zip(conv.questions, hits.tolist()):
-            per_kind.setdefault(q.kind, []).append(hit)
+        # Training accuracy per question kind: every token of the reply right (teacher-forced).
+        # (Runs before --replies worked logged the first token only, which a worked reply's
+        # fixed "image" makes meaningless.)
+        correct = (logits.argmax(-1) == ids[0, targets]).tolist()
+        spans, previous = [], None
+        for position, hit in zip(targets.tolist(), correct):
+            if previous is None or position != previous + 1:
+                spans.append([])
+            spans[-1].append(hit)
+            previous = position
+        for q, span in zip(conv.questions, spans):
+            per_kind.setdefault(q.kind, []).append(all(span))
         if step % args.log_every == 0:
             kinds = " ".join(f"{k}={np.mean(v[-60:]):.2f}" for k, v in sorted(per_kind.items()))
             log(f"e2e step {step} loss {np.mean(window):.4f} ({len(token_ids)} tok) lr {opt.param_groups[0]['lr']:.1e} "
-                f"| first-token acc (last 60) {kinds}")
+                f"| whole-reply acc (last 60) {kinds}")
             window = []
         ckpt(step)
+    return step
 
 
 def main(argv=None) -> int:
@@ -289,6 +301,9 @@ def main(argv=None) -> int:
                         help="how images are written in the training prompts (prefix: steps 1-380 of the committed weights)")
     parser.add_argument("--answers", choices=td.ANSWER_MIXES, default="benchmark",
                         help="answer distribution of the training questions (natural: steps 1-700 of the committed weights)")
+    parser.add_argument("--replies", choices=td.REPLY_STYLES, default="worked",
+                        help="needle, counting and comparison replies written out image by image (worked) "
+                             "or the bare option (direct, steps 1-700)")
     parser.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
     parser.add_argument("--ckpt-minutes", type=float, default=8.0)
     parser.add_argument("--log-every", type=int, default=10)
@@ -327,9 +342,9 @@ def main(argv=None) -> int:
             last[0] = time.time()
             log(f"checkpoint step {step} -> {args.out}, {args.lora_out}")
 
-    end_to_end(model, processor, index, features, labels, args, deadline, ckpt)
+    step = end_to_end(model, processor, index, features, labels, args, deadline, ckpt)
     save_all(model, args)
-    log(f"final checkpoint -> {args.out}, {args.lora_out}; total {(time.time() - start) / 60:.1f} min")
+    log(f"final checkpoint (step {step}) -> {args.out}, {args.lora_out}; total {(time.time() - start) / 60:.1f} min")
     return 0
 
 

@@ -157,3 +157,51 @@ def test_build_prompt_without_chat_template():
     out = ev.build_prompt(s, _StubProcessor(), images=images)
     assert out["n_images"] == s.n_images
     assert out["text"].endswith("Answer:") and s.question in out["text"]
+
+
+def _parse_steps(reply: str) -> tuple[list[tuple[int, list[str]]], str]:
+    """A worked reply split into (image number, words read) steps and the final answer."""
+    steps, answer = reply.split(", so ")
+    parsed = []
+    for step in steps.split(", "):
+        words = step.split()
+        assert words[0] == "image"
+        parsed.append((int(words[1]), words[2:]))
+    return parsed, answer
+
+
+def test_worked_answers_read_the_right_images_and_score(test_sets):
+    """The worked reply the default model is trained on, checked against the labels alone."""
+    for task in ev.WORKED_TASKS:
+        for sample in test_sets[task][:60]:
+            reply = ev.worked_answer(sample)
+            steps, answer = _parse_steps(reply)
+            assert answer == sample.answer_text == ev.final_answer(reply)
+            assert ev.score(sample, reply) == 1.0
+            for k, words in steps:  # every step reads its own image's label
+                label = sample.labels[k - 1]
+                assert [w for w in words if not w.startswith("(")] in ([label[0]], [label[1]], list(label))
+            if task == "image_needle":
+                assert [k for k, _ in steps] == list(range(1, int(answer) + 1))
+                assert [tuple(w) for _, w in steps].count(sample.labels[int(answer) - 1]) == 1
+            elif task == "counting":
+                assert [k for k, _ in steps] == list(range(1, sample.n_images + 1))
+                running = [int(w[-1].strip("()")) for _, w in steps if w[-1].startswith("(")]
+                assert running == list(range(1, int(answer) + 1))
+            else:
+                assert tuple(k for k, _ in steps) == sample.target_images
+                assert (steps[0][1] == steps[1][1]) == (answer == "yes")
+    assert ev.worked_answer(test_sets["attribute"][0]) is None
+
+
+def test_worked_reply_is_scored_on_its_final_answer_only(test_sets):
+    """The steps name options too (image numbers, colours); only the part after ", so " counts."""
+    comparison = next(s for s in test_sets["comparison"] if s.answer_text == "no")
+    a, b = comparison.target_images
+    assert ev.score(comparison, f"image {a} red, image {b} blue, so no") == 1.0
+    assert ev.score(comparison, f"image {a} red, image {b} red, so yes") == 0.0
+    assert ev.score(comparison, "no") == 1.0  # a direct reply is still read whole
+    needle = test_sets["image_needle"][0]
+    wrong = next(c for c in needle.choices if c != needle.answer_text)
+    assert ev.score(needle, ev.worked_answer(needle).rsplit(", so ", 1)[0] + f", so {wrong}") == 0.0
+    assert ev.score(needle, ev.worked_answer(needle).rsplit(", so ", 1)[0]) == 0.0  # cut off before answering

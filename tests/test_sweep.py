@@ -161,3 +161,27 @@ def test_milebench_items_skip_bad_samples_and_score_with_milebench_rules(tmp_pat
 def test_cli_rejects_bad_requests_before_loading_a_model(args, message):
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_identical_pruned_caches_reuse_one_decode(monkeypatch):
+    """Every policy at budget 1.0 keeps the whole cache: one decode serves them all, and the
+    record equals the one that decodes every cell."""
+    model = tiny_llava(seed=4)
+    reference = LlavaReference(model)
+    item = _prompt_item("t", 5, 3, lambda reply: float(reply.startswith("1")), "A")
+    policies = ["full", "random", "h2o", "csp"]
+    pruning = {name: sweep.get_policy(name) for name in policies}
+    decodes = []
+    original = LlavaReference.decode
+    monkeypatch.setattr(LlavaReference, "decode", lambda self, *a, **k: decodes.append(1) or original(self, *a, **k))
+    fresh = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [1.0, 0.5], 4, reuse_identical=False)
+    n_fresh = len(decodes)
+    reused = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [1.0, 0.5], 4)
+    assert n_fresh == 1 + 3 * 2 + 1                            # full, 3 policies x 2 budgets, blanked
+    assert len(decodes) - n_fresh == 1 + 3 + 1                 # the 1.0 cells of random/h2o/csp reuse full's
+    for record in (fresh, reused):
+        record.pop("seconds")
+    assert fresh == reused
+    prefill = reference.prefill(item.build_inputs(False)["input_ids"], item.build_inputs(False)["pixel_values"], pruning)
+    whole, half = reference.prune(prefill, "csp", 1.0), reference.prune(prefill, "csp", 0.5)
+    assert sweep.same_cache(whole, reference.prune(prefill, "full", 1.0)) and not sweep.same_cache(whole, half)

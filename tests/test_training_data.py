@@ -188,7 +188,7 @@ def test_benchmark_answer_mix_matches_the_benchmarks_answer_distribution():
     def answers(mix):
         comparison, counts = [], []
         for seed in range(300):
-            for q in td.make_conversation(seed, pool, labels, answers=mix).questions:
+            for q in td.make_conversation(seed, pool, labels, answers=mix, replies="direct").questions:
                 if q.kind == "comparison":
                     comparison.append(q.target == "yes")
                 elif q.kind == "counting":
@@ -202,3 +202,29 @@ def test_benchmark_answer_mix_matches_the_benchmarks_answer_distribution():
     assert natural_yes < 0.35 and sum(c <= 1 for c in natural_counts) / len(natural_counts) > 0.5
     with pytest.raises(ValueError, match="answers must be one of"):
         td.make_conversation(0, pool, labels, answers="uniform")
+
+
+def test_worked_replies_one_per_conversation_asked_last():
+    """A worked question comes last and alone, so no earlier reply can hand it image readings;
+    its target is the benchmark's worked reply; "direct" trains the bare options."""
+    labels = ev.load_labels("train")
+    pool = sorted(labels)
+    kinds = set()
+    for seed in range(200):
+        conv = td.make_conversation(seed, pool, labels)
+        image_labels = [labels[i] for i in conv.image_ids]
+        worked = [q for q in conv.questions if q.steps is not None]
+        assert len(worked) <= 1
+        if not worked:
+            continue
+        q = conv.questions[-1]
+        assert q is worked[0] and q.kind in ev.WORKED_TASKS
+        kinds.add(q.kind)
+        expected = _expected_answer(q, image_labels, conv.code_word)
+        assert ev.final_answer(q.target) == expected and q.target.startswith("image ")
+        assert all(", so " not in other.target for other in conv.questions[:-1])
+        direct = td.make_conversation(seed, pool, labels, replies="direct")
+        assert all(d.steps is None and ", so " not in d.target for d in direct.questions)
+    assert kinds == set(ev.WORKED_TASKS)
+    with pytest.raises(ValueError, match="replies must be one of"):
+        td.make_conversation(0, pool, labels, replies="verbose")

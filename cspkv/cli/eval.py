@@ -9,7 +9,8 @@ import click
 @click.option("--policies", default="full,random,streaming_llm,h2o,snapkv,lookm,csp", show_default=True)
 @click.option("--budgets", default="1.0,0.5,0.2,0.1", show_default=True)
 @click.option("--limit", type=int, default=200, show_default=True, help="Prompts per task.")
-@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--max-new-tokens", type=int, default=112, show_default=True,
+              help="Reply length cap; the default model's worked replies (16-image counting) reach ~110 tokens.")
 @click.option("--milebench", type=click.Path(exists=True, file_okay=False), default=None,
               help="A MileBench data folder (official layout): evaluate its tasks instead of easy-vqa's.")
 @click.option("--out", type=click.Path(), default="results", show_default=True)

@@ -312,6 +312,7 @@ def _make_sample(task: str, rng: random.Random, split: str, labels: dict, pool: 
         choices, answer = _mc(rng, str(count), others, 4)
         answer_text = str(count)
         target = tuple(k + 1 for k, i in enumerate(ids) if labels[i][attr_index] == value)
+        meta.update(attribute_index=attr_index, value=value)
     elif task == "attribute":
         ids = rng.sample(pool, n_images)
         k = rng.randrange(n_images)
@@ -334,6 +335,7 @@ def _make_sample(task: str, rng: random.Random, split: str, labels: dict, pool: 
         choices = ("yes", "no")
         answer_text = "yes" if same else "no"
         answer, target = option_letter(choices.index(answer_text)), (a + 1, b + 1)
+        meta["attribute_index"] = attr_index
     elif task == "text_needle":
         ids = rng.sample(pool, n_images)
         word = rng.choice(CODE_WORDS)
@@ -449,8 +451,65 @@ def extract_choice(text: str, choices) -> str | None:
     return None
 
 
+# Worked replies: the default model reads images one at a time, then answers
+# --------------------------------------------------------------------------------------------
+# A 135M model learns "what colour is image k" but not to search all images for one (needle),
+# to hold two images' attributes at once (comparison) or to count across images in one token.
+# Trained to write its reading out ("image 3 red, image 7 blue, so no"), each step is the
+# attribute read it can do. It also makes pruning matter for these tasks: every token after the
+# first is decoded from the pruned cache, while a one-token answer comes from the full prefill.
+WORKED_TASKS = ("image_needle", "counting", "comparison")
+ANSWER_MARK = ", so "
+
+
+def needle_steps(labels, target: int) -> str:
+    """Images read in order up to and including the one asked for (0-based ``target``)."""
+    return ", ".join(f"image {k + 1} {colour} {shape}" for k, (colour, shape) in enumerate(labels[: target + 1]))
+
+
+def count_steps(labels, attribute_index: int, value: str) -> str:
+    """Every image's attribute, each match followed by the running count in brackets."""
+    steps, count = [], 0
+    for k, label in enumerate(labels):
+        step = f"image {k + 1} {label[attribute_index]}"
+        if label[attribute_index] == value:
+            count += 1
+            step += f" ({count})"
+        steps.append(step)
+    return ", ".join(steps)
+
+
+def comparison_steps(labels, attribute_index: int, first: int, second: int) -> str:
+    """The two images' attribute (0-based indices)."""
+    return ", ".join(f"image {k + 1} {labels[k][attribute_index]}" for k in (first, second))
+
+
+def worked_reply(steps: str, answer: str) -> str:
+    return f"{steps}{ANSWER_MARK}{answer}"
+
+
+def final_answer(reply: str) -> str:
+    """The part of a reply after its last ", so " (all of it when there is none)."""
+    return reply.rsplit(ANSWER_MARK, 1)[-1] if ANSWER_MARK in reply else reply
+
+
+def worked_answer(sample: TaskSample) -> str | None:
+    """The worked reply the default model is trained to give for ``sample`` (None: answered directly)."""
+    if sample.task not in WORKED_TASKS:
+        return None
+    if sample.task == "image_needle":
+        steps = needle_steps(sample.labels, sample.target_images[0] - 1)
+    elif sample.task == "counting":
+        steps = count_steps(sample.labels, sample.meta["attribute_index"], sample.meta["value"])
+    else:
+        first, second = (k - 1 for k in sample.target_images)
+        steps = comparison_steps(sample.labels, sample.meta["attribute_index"], first, second)
+    return worked_reply(steps, sample.answer_text)
+
+
 def score(sample: TaskSample, prediction: str) -> float:
-    """1/0 accuracy for multiple choice (letter or exact option text), ROUGE-L F for open-ended.
+    """1/0 accuracy for multiple choice (letter or exact option text, after a worked reply's
+    ", so "), ROUGE-L F for open-ended.
 
     ROUGE-L compares lower-cased text; an empty reply scores 0 (the ROUGE package would raise).
     """
@@ -459,4 +518,4 @@ def score(sample: TaskSample, prediction: str) -> float:
         if not hypothesis.replace(".", "").strip():
             return 0.0
         return rouge_l_f(hypothesis, sample.answer.lower())
-    return float(extract_choice(prediction, sample.choices) == sample.answer)
+    return float(extract_choice(final_answer(prediction), sample.choices) == sample.answer)

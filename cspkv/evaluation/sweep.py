@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from cspkv.models.llava import LlavaReference
+from cspkv.models.llava import LlavaReference, PrunedCache
 from cspkv.pruning import get_policy
 
 FULL = "full"
@@ -101,16 +101,36 @@ def majority_score(items: list[EvalItem]) -> float:
     return sum(item.score(common) for item in items) / len(items)
 
 
+def same_cache(a: PrunedCache, b: PrunedCache) -> bool:
+    """Equal kept positions, keys and values: greedy decoding from either gives the same tokens."""
+    return (a.n_entries == b.n_entries and torch.equal(a.positions, b.positions)
+            and all(torch.equal(x, y) for x, y in zip(a.keys, b.keys))
+            and all(torch.equal(x, y) for x, y in zip(a.values, b.values)))
+
+
 def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning: dict, budgets: list[float],
-                  max_new_tokens: int) -> dict:
+                  max_new_tokens: int, reuse_identical: bool = True) -> dict:
     """One prompt's record: every (policy, budget) cell's reply, score and kept fraction, and the
-    blanked-image reply (full cache). One full prefill serves every policy and budget."""
+    blanked-image reply (full cache). One full prefill serves every policy and budget.
+
+    With ``reuse_identical`` a cell whose pruned cache equals a whole cache already decoded (every
+    policy at budget 1.0 keeps all of it) takes that reply instead of decoding again: decoding is
+    greedy and deterministic, and worked replies run to ~110 tokens."""
     eos = getattr(tokenizer, "eos_token_id", None)
+    decoded_caches: list[tuple[PrunedCache, str]] = []
 
     def reply(prefill, name, budget):
         pruned = reference.prune(prefill, name, budget)
+        kept = pruned.n_entries / prefill.length
+        if reuse_identical:
+            for cache, text in decoded_caches:
+                if same_cache(cache, pruned):
+                    return text, kept
         decoded = reference.decode(pruned, int(prefill.logits[0].argmax()), max_new_tokens, eos_token_id=eos)
-        return tokenizer.decode(decoded.tokens, skip_special_tokens=True), pruned.n_entries / prefill.length
+        text = tokenizer.decode(decoded.tokens, skip_special_tokens=True)
+        if reuse_identical and pruned.n_entries == prefill.length:  # where policies coincide; bounds memory
+            decoded_caches.append((pruned, text))
+        return text, kept
 
     started = time.perf_counter()
     inputs = item.build_inputs(False)

@@ -10,6 +10,7 @@ only (the test split is never read here).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -32,16 +33,19 @@ class Question:
     question: str
     choices: tuple[str, ...] | None
     answer: str          # option letter, or the reference text for describe
+    steps: str | None = None  # a worked reply's reading before ", so " (easyvqa_tasks.WORKED_TASKS)
 
     @property
     def target(self) -> str:
-        """What the model is trained to reply: the option's text ("red", "3", "yes"), not its letter.
+        """What the model is trained to reply: the option's text ("red", "3", "yes"), not its letter,
+        after the worked steps when there are some ("image 2 red, image 5 blue, so no").
 
         The benchmark's scorer accepts either (as MileBench's does); naming the option directly
         spares a 135M model the extra hop from the answer to its letter, which 150 steps of
         letter targets did not learn (training accuracy stayed at chance).
         """
-        return self.answer if self.choices is None else self.choices[ord(self.answer) - 65]
+        text = self.answer if self.choices is None else self.choices[ord(self.answer) - 65]
+        return text if self.steps is None else ev.worked_reply(self.steps, text)
 
     def user_text(self) -> str:
         return ev.question_text(self.question, self.choices)
@@ -66,10 +70,12 @@ def _count_question(rng: random.Random, labels: list[tuple[str, str]], a: int, v
     count = sum(label[a] == value for label in labels)
     thing = f"a {value} shape" if a == 0 else f"{'an' if value[0] in 'aeiou' else 'a'} {value}"
     others = [str(c) for c in range(0, n + 1) if c != count and abs(c - count) <= 4]
-    return Question("counting", f"How many images show {thing}?", *_options(rng, str(count), others))
+    return Question("counting", f"How many images show {thing}?", *_options(rng, str(count), others),
+                    steps=ev.count_steps(labels, a, value))
 
 
 ANSWER_MIXES = ("benchmark", "natural")
+REPLY_STYLES = ("worked", "direct")
 
 
 def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code_word: str | None,
@@ -90,7 +96,8 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
         k = rng.choice(unique)
         color, shape = labels[k]
         others = [str(j) for j in range(1, n + 1) if j != k + 1]
-        return Question(kind, f"Which image shows the {color} {shape}?", *_options(rng, str(k + 1), others))
+        return Question(kind, f"Which image shows the {color} {shape}?", *_options(rng, str(k + 1), others),
+                        steps=ev.needle_steps(labels, k))
     if kind == "counting":
         return _count_question(rng, labels, a, rng.choice(values))
     if kind == "comparison":
@@ -107,7 +114,7 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
             i, j = sorted(rng.sample(range(n), 2))
         same = labels[i][a] == labels[j][a]
         return Question(kind, f"Do image {i + 1} and image {j + 1} show the same {attribute}?", ("yes", "no"),
-                        "A" if same else "B")
+                        "A" if same else "B", steps=ev.comparison_steps(labels, a, i, j))
     if kind == "text_needle":
         if code_word is None:
             return None
@@ -122,7 +129,8 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
 
 def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, max_images: int = 10,
                       n_questions: tuple[int, int] = (4, 8), needle_prob: float = 0.3,
-                      context_format: str = ev.CONTEXT_FORMAT, answers: str = "benchmark") -> Conversation:
+                      context_format: str = ev.CONTEXT_FORMAT, answers: str = "benchmark",
+                      replies: str = "worked") -> Conversation:
     """One seeded conversation over train-split images ``pool`` (``labels``: id -> (colour, shape)).
 
     ``context_format`` is how each image line is written (:func:`easyvqa_tasks.image_line`).
@@ -130,9 +138,13 @@ def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, 
     time, and counting only through the set's drawn count (uniform 0..min(n, 6)). ``"natural"``
     (what steps 1-700 of the committed weights saw) asks about random pairs and values, so 74% of
     comparisons are "no" and more than half the counts are 0 or 1: a prior alone scores well there.
+    ``replies="worked"`` trains needle, counting and comparison answers written out image by
+    image (:func:`easyvqa_tasks.worked_reply`); ``"direct"`` (steps 1-700) trains the bare option.
     Only re-running those early steps needs anything but the defaults."""
     if answers not in ANSWER_MIXES:
         raise ValueError(f"answers must be one of {ANSWER_MIXES}, got {answers!r}")
+    if replies not in REPLY_STYLES:
+        raise ValueError(f"replies must be one of {REPLY_STYLES}, got {replies!r}")
     rng = random.Random(f"conversation:{seed}")
     n = rng.randint(min_images, max_images)
     focus = None
@@ -176,6 +188,18 @@ def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, 
         if q is not None and all(q.question != other.question for other in questions):
             questions.append(q)
     rng.shuffle(questions)
+    if replies == "direct":
+        questions = [dataclasses.replace(q, steps=None) for q in questions]
+    else:
+        # One worked question per conversation, asked last: a second one, or an attribute
+        # question after it, could copy image readings from an earlier reply instead of reading
+        # the images, a shortcut the benchmark's single question never offers.
+        worked = [q for q in questions if q.steps is not None]
+        if worked:
+            kinds = sorted({q.kind for q in worked})  # counting only comes with half the sets: favoured
+            kind = rng.choices(kinds, weights=[2 if k == "counting" else 1 for k in kinds])[0]
+            keep = next(q for q in worked if q.kind == kind)
+            questions = [q for q in questions if q.steps is None] + [keep]
     return Conversation(tuple(ids), "\n".join(lines), tuple(questions), code_word)
 
 
