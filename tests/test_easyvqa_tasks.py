@@ -205,3 +205,6 @@ def test_worked_reply_is_scored_on_its_final_answer_only(test_sets):
     wrong = next(c for c in needle.choices if c != needle.answer_text)
     assert ev.score(needle, ev.worked_answer(needle).rsplit(", so ", 1)[0] + f", so {wrong}") == 0.0
     assert ev.score(needle, ev.worked_answer(needle).rsplit(", so ", 1)[0]) == 0.0  # cut off before answering
+    for choice in needle.choices:  # one step that names a single option is not an answer either
+        assert ev.score(needle, f"image {choice} red circle") == 0.0
+    assert ev.score(needle, needle.answer_text) == 1.0

@@ -488,9 +488,16 @@ def worked_reply(steps: str, answer: str) -> str:
     return f"{steps}{ANSWER_MARK}{answer}"
 
 
+_WORKED_START = re.compile(r"^\s*image \d+ [a-z]")
+
+
 def final_answer(reply: str) -> str:
-    """The part of a reply after its last ", so " (all of it when there is none)."""
-    return reply.rsplit(ANSWER_MARK, 1)[-1] if ANSWER_MARK in reply else reply
+    """The part of a reply after its last ", so "; all of it when it is not a worked reply; ""
+    for a worked reply cut off before its ", so " (its steps name image numbers and colours,
+    which must not count as an answer)."""
+    if ANSWER_MARK in reply:
+        return reply.rsplit(ANSWER_MARK, 1)[-1]
+    return "" if _WORKED_START.match(reply) else reply
 
 
 def worked_answer(sample: TaskSample) -> str | None:
