@@ -35,9 +35,11 @@ answers the way the benchmark does; 120 more steps that way (``--max-steps 1000
 --continue-from-step 700 --minutes 14``) did not help on 8 test prompts per task and were not kept
 (``results/train_log.txt``). The fourth run trains worked replies for needle, counting and
 comparison (``--replies worked``, the default: the images read one by one, then ", so " and the
-answer; one such question per conversation, asked last)::
+answer; one such question per conversation, asked last), in two runs; the second resumes with a
+longer cosine (its learning rate at step 1118 is about that of step 900 in the first)::
 
-    python scripts/train_projector.py --max-steps 1300 --continue-from-step 700 --warmup 10 --minutes 58
+    python scripts/train_projector.py --max-steps 1300 --continue-from-step 700 --warmup 10 --minutes 58    # stopped at step 1118
+    python scripts/train_projector.py --max-steps 1600 --continue-from-step 1118 --warmup 10 --minutes 35
 """
 
 from __future__ import annotations
