@@ -20,7 +20,7 @@ cached under ``~/.cache/cspkv``. The weights are written (fp32, atomically) to
 the end. Everything is seeded: step i always sees the same conversation and the learning-rate
 schedule depends on ``--max-steps`` only, so a run stopped by ``--minutes`` is a prefix of the full
 run, and ``--continue-from-step N`` carries on from the written weights (Adam's moments restart, so
-it warms up again). The committed weights come from three runs on a 2-core CPU (about 8-13 s a step)::
+it warms up again). The committed weights come from five runs on a 2-core CPU (about 7-13 s a step)::
 
     python scripts/train_projector.py --context-format prefix --answers natural --max-steps 380 --minutes 55   # stopped at step 260
     python scripts/train_projector.py --context-format prefix --answers natural --max-steps 380 --continue-from-step 260 --warmup 10 --minutes 34
@@ -33,12 +33,12 @@ their answers "naturally" (74% of comparisons "no", counts mostly 0-1), and the 
 comparison and counting from that prior, the same with images blanked. The defaults now draw
 answers the way the benchmark does; 120 more steps that way (``--max-steps 1000
 --continue-from-step 700 --minutes 14``) did not help on 8 test prompts per task and were not kept
-(``results/train_log.txt``). The fourth run trains worked replies for needle, counting and
-comparison (``--replies worked``, the default: the images read one by one, then ", so " and the
-answer; one such question per conversation, asked last), in two runs; the second resumes with a
-longer cosine (its learning rate at step 1118 is about that of step 900 in the first)::
+(``results/train_log.txt``). The fourth and fifth runs train worked replies for needle, counting
+and comparison (``--replies worked``, the default: the images read one by one, then ", so " and the
+answer; one such question per conversation, asked last); the fifth resumes with a longer cosine
+(its learning rate at step 1118 is about that of step 900 in the fourth)::
 
-    python scripts/train_projector.py --max-steps 1300 --continue-from-step 700 --warmup 10 --minutes 58    # stopped at step 1118
+    python scripts/train_projector.py --max-steps 1300 --continue-from-step 700 --warmup 10 --minutes 58    # stopped near step 1118 (not logged then; the next run counts on from 1118)
     python scripts/train_projector.py --max-steps 1600 --continue-from-step 1118 --warmup 10 --minutes 35
 """
 
