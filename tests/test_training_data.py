@@ -49,13 +49,19 @@ def _expected_answer(q: td.Question, labels, code_word):
     raise AssertionError(q.kind)
 
 
-def test_conversations_answer_correctly_from_train_images_only():
+def _train_conversations(n: int, **kwargs):
+    """(conversation, its images' labels) for seeds 0..n-1 over the train split."""
     labels = ev.load_labels("train")
     pool = sorted(labels)
+    for seed in range(n):
+        conv = td.make_conversation(seed, pool, labels, **kwargs)
+        yield conv, [labels[i] for i in conv.image_ids]
+
+
+def test_conversations_answer_correctly_from_train_images_only():
+    pool = sorted(ev.load_labels("train"))
     kinds = set()
-    for seed in range(300):
-        conv = td.make_conversation(seed, pool, labels)
-        image_labels = [labels[i] for i in conv.image_ids]
+    for conv, image_labels in _train_conversations(300):
         assert 3 <= len(conv.image_ids) <= 10 and set(conv.image_ids) <= set(pool)
         assert conv.context.count(ev.IMAGE_TOKEN) == len(conv.image_ids)
         assert len({q.question for q in conv.questions}) == len(conv.questions)  # no repeated question
@@ -210,9 +216,7 @@ def test_worked_replies_one_per_conversation_asked_last():
     labels = ev.load_labels("train")
     pool = sorted(labels)
     kinds = set()
-    for seed in range(200):
-        conv = td.make_conversation(seed, pool, labels)
-        image_labels = [labels[i] for i in conv.image_ids]
+    for seed, (conv, image_labels) in enumerate(_train_conversations(200)):
         worked = [q for q in conv.questions if q.steps is not None]
         assert len(worked) <= 1
         if not worked:
