@@ -174,14 +174,17 @@ def test_identical_pruned_caches_reuse_one_decode(monkeypatch):
     decodes = []
     original = LlavaReference.decode
     monkeypatch.setattr(LlavaReference, "decode", lambda self, *a, **k: decodes.append(1) or original(self, *a, **k))
-    fresh = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [1.0, 0.5], 4, reuse_identical=False)
+    fresh = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [1.0, 0.5], 4, reuse_identical=False,
+                                batched=False)
     n_fresh = len(decodes)
-    reused = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [1.0, 0.5], 4)
+    reused = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [1.0, 0.5], 4, batched=False)
     assert n_fresh == 1 + 3 * 2 + 1                            # full, 3 policies x 2 budgets, blanked
     assert len(decodes) - n_fresh == 1 + 3 + 1                 # the 1.0 cells of random/h2o/csp reuse full's
-    for record in (fresh, reused):
+    batched = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [1.0, 0.5], 4)
+    assert len(decodes) - n_fresh == 1 + 3 + 1                 # the batched path never calls the one-cache decoder
+    for record in (fresh, reused, batched):
         record.pop("seconds")
-    assert fresh == reused
+    assert fresh == reused == batched
     prefill = reference.prefill(item.build_inputs(False)["input_ids"], item.build_inputs(False)["pixel_values"], pruning)
     whole, half = reference.prune(prefill, "csp", 1.0), reference.prune(prefill, "csp", 0.5)
     assert sweep.same_cache(whole, reference.prune(prefill, "full", 1.0)) and not sweep.same_cache(whole, half)

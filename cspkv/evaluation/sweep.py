@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from cspkv.models.batched_decode import decode_batch
 from cspkv.models.llava import LlavaReference, PrunedCache
 from cspkv.pruning import get_policy
 
@@ -109,41 +110,53 @@ def same_cache(a: PrunedCache, b: PrunedCache) -> bool:
 
 
 def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning: dict, budgets: list[float],
-                  max_new_tokens: int, reuse_identical: bool = True) -> dict:
+                  max_new_tokens: int, reuse_identical: bool = True, batched: bool = True) -> dict:
     """One prompt's record: every (policy, budget) cell's reply, score and kept fraction, and the
     blanked-image reply (full cache). One full prefill serves every policy and budget.
 
-    With ``reuse_identical`` a cell whose pruned cache equals a whole cache already decoded (every
-    policy at budget 1.0 keeps all of it) takes that reply instead of decoding again: decoding is
-    greedy and deterministic, and worked replies run to ~110 tokens."""
+    With ``reuse_identical`` a cell whose pruned cache equals one already planned (every policy at
+    budget 1.0 keeps all of it) takes that cache's reply instead of decoding again: decoding is
+    greedy and deterministic. With ``batched`` the distinct caches (and the blanked prompt's) are
+    decoded together by ``decode_batch``; otherwise one by one by the reference decoder."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    decoded_caches: list[tuple[PrunedCache, str]] = []
+    caches: list[PrunedCache] = []
+    firsts: list[int] = []
 
-    def reply(prefill, name, budget):
-        pruned = reference.prune(prefill, name, budget)
-        kept = pruned.n_entries / prefill.length
+    def plan(prefill, pruned) -> int:
+        """Index of the cache whose reply this cell takes (a new one unless an identical exists)."""
         if reuse_identical:
-            for cache, text in decoded_caches:
-                if same_cache(cache, pruned):
-                    return text, kept
-        decoded = reference.decode(pruned, int(prefill.logits[0].argmax()), max_new_tokens, eos_token_id=eos)
-        text = tokenizer.decode(decoded.tokens, skip_special_tokens=True)
-        if reuse_identical and pruned.n_entries == prefill.length:  # where policies coincide; bounds memory
-            decoded_caches.append((pruned, text))
-        return text, kept
+            for index, cache in enumerate(caches):
+                if firsts[index] == int(prefill.logits[0].argmax()) and same_cache(cache, pruned):
+                    return index
+        caches.append(pruned)
+        firsts.append(int(prefill.logits[0].argmax()))
+        return len(caches) - 1
 
     started = time.perf_counter()
     inputs = item.build_inputs(False)
     prefill = reference.prefill(inputs["input_ids"], inputs.get("pixel_values"), pruning)
-    cells = {}
+    length = int(prefill.length)
+    planned = {}
     for name in pruning:
         for budget in budgets if name != FULL else [1.0]:
-            text, kept = reply(prefill, name, budget)
-            cells.setdefault(name, {})[str(budget)] = {"reply": text, "score": item.score(text), "kept_fraction": kept}
+            pruned = reference.prune(prefill, name, budget)
+            planned[name, str(budget)] = (plan(prefill, pruned), pruned.n_entries / prefill.length)
     blanked = item.build_inputs(True)
     blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"), {FULL: get_policy(FULL)})
-    blank_text = reply(blank_prefill, FULL, 1.0)[0]
-    return {"task": item.task, "sample_id": item.sample_id, "length": int(prefill.length), "cells": cells,
+    blank_index = plan(blank_prefill, reference.prune(blank_prefill, FULL, 1.0))
+    del prefill, blank_prefill  # their full K/V and scores are not needed for decoding
+    if batched:
+        tokens = decode_batch(reference, caches, firsts, max_new_tokens, eos_token_id=eos)
+    else:
+        tokens = [reference.decode(cache, first, max_new_tokens, eos_token_id=eos).tokens
+                  for cache, first in zip(caches, firsts)]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    cells = {}
+    for (name, budget), (index, kept) in planned.items():
+        cells.setdefault(name, {})[budget] = {"reply": texts[index], "score": item.score(texts[index]),
+                                              "kept_fraction": kept}
+    blank_text = texts[blank_index]
+    return {"task": item.task, "sample_id": item.sample_id, "length": length, "cells": cells,
             "blank_reply": blank_text, "blank_score": item.score(blank_text),
             "seconds": round(time.perf_counter() - started, 4)}
 

@@ -1,0 +1,115 @@
+"""Greedy decoding of many pruned caches of one prompt at once: the sweep's fast path.
+
+``LlavaReference.decode`` decodes one cache a step at a time through the slot table; it is the
+readable reference (and what the exported decode graph is checked against). A sweep decodes ~20
+caches of the same prompt (every policy and budget, plus the blanked images), and at batch 1 each
+step is bound by reading the 135M weights. Here every cache takes its step together: the linear
+layers run once on a [B, 1, hidden] batch, and attention runs per group of caches that kept the
+same number of entries (every policy keeps the same count at a budget), over exactly the entries
+each cache holds, so no cache is padded. Same results as ``LlavaReference.decode`` in its
+"unbounded" mode (no null slot); the tests check the tokens and logits against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cspkv.models.llava import LlavaReference, PrunedCache
+from cspkv.models.static_llama import DecoderShape, attention_inputs, layer_output
+
+
+class _Group:
+    """Caches with the same entry count: one K/V buffer [layers, 2, B, H_kv, C + new, D]."""
+
+    def __init__(self, members: list[int], caches: list[PrunedCache], max_new_tokens: int):
+        self.members = members
+        first = caches[members[0]]
+        self.filled = first.n_entries
+        n_layers, (_, n_kv, _, dim) = len(first.keys), first.keys[0].shape
+        self.kv = torch.zeros((n_layers, 2, len(members), n_kv, self.filled + max_new_tokens, dim),
+                              dtype=first.keys[0].dtype)
+        for row, index in enumerate(members):
+            for layer in range(n_layers):
+                self.kv[layer, 0, row, :, :self.filled] = caches[index].keys[layer][0]
+                self.kv[layer, 1, row, :, :self.filled] = caches[index].values[layer][0]
+
+
+def _attend(q: torch.Tensor, kv: torch.Tensor, filled: int, k: torch.Tensor, v: torch.Tensor, scaling: float):
+    """One query token per row over its ``filled`` cached entries plus itself.
+
+    q [B, H_q, 1, D]; kv [2, B, H_kv, S, D]; k, v [B, H_kv, 1, D]. Grouped queries are laid out as
+    [B, H_kv, G, D] so each matmul reads K/V once per KV head (no broadcast copy per group).
+    """
+    batch, n_heads, _, dim = q.shape
+    n_kv = kv.shape[2]
+    grouped = q.reshape(batch, n_kv, n_heads // n_kv, dim)
+    keys, values = kv[0, :, :, :filled], kv[1, :, :, :filled]
+    cache_logits = grouped @ keys.transpose(-1, -2) * scaling                     # [B, H_kv, G, C]
+    self_logit = (grouped * k).sum(-1, keepdim=True) * scaling                     # [B, H_kv, G, 1]
+    probs = torch.softmax(torch.cat([cache_logits, self_logit], dim=-1).float(), dim=-1).to(values.dtype)
+    out = probs[..., :filled] @ values + probs[..., filled:] * v                   # [B, H_kv, G, D]
+    return out.reshape(batch, 1, n_heads * dim)
+
+
+@torch.no_grad()
+def decode_batch(reference: LlavaReference, caches: list[PrunedCache], first_tokens: list[int],
+                 max_new_tokens: int, eos_token_id: int | None = None, logits_out: list | None = None
+                 ) -> list[list[int]]:
+    """Greedy tokens for every cache (each starting from its ``first_tokens`` entry), as
+    ``reference.decode(cache, first, max_new_tokens, eos_token_id=...)`` gives them one by one.
+    All caches must come from prompts of one length: they share every decode position. With
+    ``logits_out`` (a list) each cache's per-token logits [vocab] are appended there, one list per cache."""
+    if len(caches) != len(first_tokens):
+        raise ValueError(f"{len(caches)} caches but {len(first_tokens)} first tokens")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not caches:
+        return []
+    prompt_len = caches[0].prompt_len
+    if any(cache.prompt_len != prompt_len for cache in caches):
+        raise ValueError("decode_batch needs caches of prompts of one length (they share positions); "
+                         f"got prompt lengths {sorted({c.prompt_len for c in caches})}")
+    by_size: dict[int, list[int]] = {}
+    for index, cache in enumerate(caches):
+        by_size.setdefault(cache.n_entries, []).append(index)
+    groups = [_Group(members, caches, max_new_tokens) for members in by_size.values()]
+    order = [index for group in groups for index in group.members]       # batch row -> cache index
+    rows, start = [], 0
+    for group in groups:
+        rows.append(slice(start, start + len(group.members)))
+        start += len(group.members)
+
+    text_model = reference.text_model
+    shape = DecoderShape(text_model.config)
+    tokens = [[first] for first in first_tokens]
+    if logits_out is not None:
+        logits_out.extend([] for _ in caches)
+    finished = [eos_token_id is not None and first == eos_token_id for first in first_tokens]
+    for step in range(max_new_tokens - 1):
+        if all(finished):
+            break
+        # Rows that finished keep stepping (on whatever they last produced) until all have: cheaper
+        # than re-packing the buffers, and their extra tokens are never recorded.
+        last = torch.tensor([[tokens[i][-1]] for i in order])
+        hidden = text_model.embed_tokens(last)                                        # [B, 1, hidden]
+        position = torch.tensor([[prompt_len + step]])
+        cos, sin = text_model.rotary_emb(hidden, position)
+        for index, layer in enumerate(text_model.layers):
+            q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
+            outs = []
+            for group, rows_of in zip(groups, rows):
+                kv = group.kv[index]
+                slot = group.filled + step
+                kv[0, :, :, slot] = k[rows_of, :, 0]
+                kv[1, :, :, slot] = v[rows_of, :, 0]
+                outs.append(_attend(q[rows_of], kv, slot, k[rows_of], v[rows_of], layer.self_attn.scaling))
+            hidden = layer_output(layer, hidden, torch.cat(outs))
+        logits = reference.model.lm_head(text_model.norm(hidden))[:, -1].float()
+        for row, cache_index in enumerate(order):
+            if not finished[cache_index]:
+                if logits_out is not None:
+                    logits_out[cache_index].append(logits[row].clone())
+                token = int(logits[row].argmax())
+                tokens[cache_index].append(token)
+                finished[cache_index] = eos_token_id is not None and token == eos_token_id
+    return tokens
