@@ -44,8 +44,11 @@ def test_budget_one_reproduces_the_unpruned_model_for_every_policy(model, n_imag
         assert diff < 1e-5, (policy, diff)
 
 
-def test_window_scores_match_hf_eager_attention(model):
-    """The hook's W x L logits, summed as H2O does, equal HF's own attention probabilities."""
+@pytest.mark.parametrize("chunk_rows", [256, 7])
+def test_window_scores_match_hf_eager_attention(model, chunk_rows, monkeypatch):
+    """The hook's W x L logits, summed as H2O does, equal HF's own attention probabilities. With
+    7-row chunks H2O's early rows are scored over only the keys they see (the rest padded with 0)."""
+    monkeypatch.setattr("cspkv.models.llava.SCORE_CHUNK_ROWS", chunk_rows)
     ids, pixels = multi_image_prompt(2, seed=5)
     ref = LlavaReference(model)
     prefill = ref.prefill(ids, pixels, {"h2o": get_policy("h2o"), "csp": get_policy("csp", n=0.0)})

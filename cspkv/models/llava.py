@@ -163,27 +163,32 @@ class LlavaReference:
 
             chunks: dict = {}  # CSP, SnapKV, LOOK-M and the mass share the same last-W-row chunks
 
-            def window_logits(first_row: int, last_row: int) -> torch.Tensor:
+            def window_logits(first_row: int, last_row: int, seen_keys_only: bool = False) -> torch.Tensor:
                 if (first_row, last_row) in chunks:
                     return chunks[first_row, last_row]
                 if first_row < length - mass_rows:  # H2O's rows before the window: used once
-                    return compute_logits(first_row, last_row)
-                chunks[first_row, last_row] = compute_logits(first_row, last_row)
+                    # these rows see only keys before last_row; the rest of the L x L block is masked
+                    return compute_logits(first_row, last_row, last_row if seen_keys_only else length)
+                chunks[first_row, last_row] = compute_logits(first_row, last_row, length)
                 return chunks[first_row, last_row]
 
-            def compute_logits(first_row: int, last_row: int) -> torch.Tensor:
+            def compute_logits(first_row: int, last_row: int, n_keys: int) -> torch.Tensor:
                 h = hidden[:, first_row:last_row]
                 q = project_heads(queries_all, h, self.n_heads, self.head_dim)
                 q, _ = apply_rotary_pos_emb(q, q, cos[:, first_row:last_row], sin[:, first_row:last_row])
                 rows = torch.arange(first_row, last_row, device=hidden.device)
-                return causal_window_logits(q, keys, rows, module.scaling)
+                return causal_window_logits(q, keys[:, :, :n_keys], rows, module.scaling)
 
             for key, policy in policies.items():
                 rows = int(policy.scoring_window(length))
                 total = None
                 for start in range(length - rows, length, SCORE_CHUNK_ROWS):
                     stop = min(start + SCORE_CHUNK_ROWS, length)
-                    part = policy.score(window_logits(start, stop), modality, modality[:, start:stop])
+                    logits = window_logits(start, stop, seen_keys_only=policy.row_additive_score)
+                    seen = logits.shape[-1]  # keys after `seen` got exactly 0 from these rows
+                    part = policy.score(logits, modality[:, :seen], modality[:, start:stop])
+                    if seen < length:
+                        part = torch.nn.functional.pad(part, (0, length - seen))
                     total = part if total is None else total + part
                 scores[key][layer] = total
             probs = PruningPolicy.window_probabilities(

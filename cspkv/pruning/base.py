@@ -131,6 +131,9 @@ class PruningPolicy:
     "recent window + top-k of one score" rule does not fit, ``keep_mask``)."""
 
     name = "base"
+    # True where ``score`` is a sum over rows of each row's softmax attention (H2O): a row then
+    # gives keys after it exactly 0, so callers may score early rows over only the keys they see.
+    row_additive_score = False
 
     def __init__(self, window_ratio: float = 0.1, recent_ratio: float = 1.0):
         if not (0.0 < window_ratio <= 1.0):
