@@ -9,9 +9,9 @@ import time
 import click
 
 MIB = 1024 * 1024
-# The built-in images are a red square, a blue circle, a green triangle and a yellow square.
-DEMO_QUESTION = ("Question: Which image shows the blue circle?\nOptions:\nA. image 1\nB. image 2\n"
-                 "C. image 3\nD. image 4\nAnswer with the option's letter.")
+# Worded as the benchmark's image_needle questions; the blue circle is image 2 of demo_images.
+DEMO_QUESTION = ("Question: Which image shows the blue circle?\nOptions:\nA. 1\nB. 2\nC. 3\nD. 4\n"
+                 "Answer with the option's letter.")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

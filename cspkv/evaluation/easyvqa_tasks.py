@@ -81,6 +81,8 @@ IMAGE_TOKEN = "<image>"
 CONTEXT_FORMATS = ("labelled", "prefix")
 CONTEXT_FORMAT = "labelled"  # the benchmark's (see image_line)
 IMAGE_SIZE = 224
+# The system message of every training conversation and benchmark prompt (and csp-run's prompts).
+SYSTEM_PROMPT = "You answer questions about images."
 MIN_IMAGES, MAX_IMAGES = 4, 16
 TEST_SEED = 20240601
 TEST_SAMPLES_PER_TASK = 200
@@ -423,7 +425,7 @@ def build_prompt(sample: TaskSample, processor, system: str | None = None, image
     tokenizer = getattr(processor, "tokenizer", processor)
     user = prompt_text(sample)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system or "You answer questions about images."},
+        messages = [{"role": "system", "content": system or SYSTEM_PROMPT},
                     {"role": "user", "content": user}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:

@@ -8,16 +8,16 @@ import numpy as np
 def chat_prompt(processor, question: str, n_images: int) -> str:
     """The question with one image placeholder per image, in the tokenizer's chat template.
 
-    Images are written as the benchmark writes them (``Image k: <image> (end of image k)``), the
-    layout the default model was trained on."""
-    from cspkv.evaluation.easyvqa_tasks import IMAGE_TOKEN, image_line
+    Images are written as the benchmark writes them (``Image k: <image> (end of image k)``), after
+    the benchmark's system message: the layout the default model was trained on."""
+    from cspkv.evaluation.easyvqa_tasks import IMAGE_TOKEN, SYSTEM_PROMPT, image_line
 
     tokenizer = getattr(processor, "tokenizer", processor)
     placeholder = getattr(processor, "image_token", IMAGE_TOKEN)
     content = "".join(image_line(i + 1).replace(IMAGE_TOKEN, placeholder) + "\n" for i in range(n_images)) + question
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return content
 
 
@@ -37,18 +37,15 @@ def load_images(paths, size: int) -> list[np.ndarray]:
     return images
 
 
+# The built-in demo: the first easy-vqa *test* image (never trained on) of each of these labels.
+DEMO_LABELS = (("red", "rectangle"), ("blue", "circle"), ("green", "triangle"), ("yellow", "rectangle"))
+
+
 def demo_images(size: int = 224) -> list[np.ndarray]:
-    """Four synthetic images: a red square, a blue circle, a green triangle, a yellow square."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    shapes = [
-        ((220, 30, 30), (abs(xx - 0.5) < 0.25) & (abs(yy - 0.5) < 0.25)),
-        ((30, 60, 220), (xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.09),
-        ((30, 180, 60), (yy > 0.25) & (yy < 0.75) & (abs(xx - 0.5) < (yy - 0.25) / 2)),
-        ((230, 210, 40), (abs(xx - 0.5) < 0.2) & (abs(yy - 0.5) < 0.2)),
-    ]
-    images = []
-    for colour, mask in shapes:
-        image = np.full((size, size, 3), 255, np.uint8)
-        image[mask] = colour
-        images.append(image)
-    return images
+    """Four easy-vqa test images, size x size: a red rectangle, a blue circle, a green triangle
+    and a yellow rectangle (``DEMO_LABELS``), as the default model sees the benchmark's images."""
+    from cspkv.evaluation.easyvqa_tasks import load_image, load_labels
+
+    labels = load_labels("test")
+    ids = [min(i for i, label in labels.items() if label == wanted) for wanted in DEMO_LABELS]
+    return [np.array(load_image("test", image_id, size)) for image_id in ids]

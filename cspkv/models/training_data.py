@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from cspkv.evaluation import easyvqa_tasks as ev
 
-SYSTEM = "You answer questions about images."
+SYSTEM = ev.SYSTEM_PROMPT
 QUESTION_MIX = (  # (kind, weight)
     ("attribute", 0.26),
     ("image_needle", 0.20),
