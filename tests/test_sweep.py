@@ -57,8 +57,19 @@ def test_sweep_prefills_once_per_prompt_and_fills_every_cell(monkeypatch):
     table = sweep.markdown_table(result, budgets, policies)
     assert "### t1" in table and "| csp | 1.000 | 1.000 | 1.000 |" in table
     blank = result["baselines"]["t1"]["blank_images"]
-    assert f"| t1 | multi-choice | 2 | 1.000 | {blank:.3f} | 1.000 | {1 - blank:+.3f} |" in table
+    ci = result["baselines"]["t1"]["full_minus_blank_ci95"]
+    assert f"| t1 | multi-choice | 2 | 1.000 | {blank:.3f} | 1.000 | {1 - blank:+.3f} ± {ci:.3f} |" in table
+    assert result["baselines"]["t2"]["full_minus_blank_ci95"] is None          # one prompt: no interval
+    t2_row = next(row for row in table.splitlines() if row.startswith("| t2 |"))
+    assert "±" not in t2_row
     assert f"| csp | 1.000 (1.00) | 1.000 ({math.ceil(0.5 * length) / length:.2f}) |" in table
+
+
+def test_paired_interval_of_full_minus_blanked():
+    """1.96 standard errors of the mean per-prompt difference; none from a single prompt."""
+    assert sweep.paired_ci95([1.0, 0.0, 1.0, 0.0]) == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)
+    assert sweep.paired_ci95([0.5, 0.5, 0.5]) == 0.0
+    assert sweep.paired_ci95([1.0]) is None
 
 
 def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_path):

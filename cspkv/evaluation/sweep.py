@@ -161,12 +161,23 @@ def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning:
             "seconds": round(time.perf_counter() - started, 4)}
 
 
+def paired_ci95(differences: list[float]) -> float | None:
+    """Half-width of the normal-approximation 95% interval of the mean of per-prompt differences
+    (the same prompts scored two ways); None below two prompts."""
+    import statistics
+
+    if len(differences) < 2:
+        return None
+    return 1.96 * statistics.stdev(differences) / len(differences) ** 0.5
+
+
 def aggregate(records: list[dict], items: list[EvalItem], policies: list[str], budgets: list[float]) -> dict:
     """Mean score and kept fraction per task, policy and budget, over the records of ``items``."""
     wanted = {(item.task, item.sample_id) for item in items}
     records = [r for r in records if (r["task"], r["sample_id"]) in wanted]
     totals: dict = {}
     blank: dict = {}
+    gaps: dict = {}        # per prompt: full cache's score minus the blanked images'
     for record in records:
         for name in policies:
             for budget in budgets if name != FULL else [1.0]:
@@ -176,12 +187,16 @@ def aggregate(records: list[dict], items: list[EvalItem], policies: list[str], b
                 total[1] += cell["kept_fraction"]
                 total[2] += 1
         blank.setdefault(record["task"], []).append(record["blank_score"])
+        if FULL in policies:
+            gaps.setdefault(record["task"], []).append(record["cells"][FULL]["1.0"]["score"] - record["blank_score"])
     done = {(r["task"], r["sample_id"]) for r in records}
     scores = {task: {name: {budget: {"score": s / n, "kept_fraction": k / n} for budget, (s, k, n) in by_budget.items()}
                      for name, by_budget in by_policy.items()} for task, by_policy in totals.items()}
     baselines = {task: {"blank_images": sum(values) / len(values),
                         "majority": majority_score([i for i in items if i.task == task and (i.task, i.sample_id) in done])}
                  for task, values in blank.items()}
+    for task, values in gaps.items():
+        baselines[task]["full_minus_blank_ci95"] = paired_ci95(values)
     return {"scores": scores, "baselines": baselines,
             "prompts_per_task": dict(Counter(r["task"] for r in records)),
             # compute time of every prompt counted, across resumed runs
@@ -262,9 +277,13 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
     return result
 
 
+def _plus_minus(half_width: float | None) -> str:
+    return "" if half_width is None else f" ± {half_width:.3f}"
+
+
 def overview_table(result: dict, budgets: list[float], policies: list[str]) -> str:
     """Full cache against the two baselines per task, then each policy's mean over tasks per budget."""
-    lines = ["| task | type | prompts | full cache | images blanked | majority | full − blanked |",
+    lines = ["| task | type | prompts | full cache | images blanked | majority | full − blanked (± 95% CI) |",
              "|---|---|---|---|---|---|---|"]
     for task, by_policy in result["scores"].items():
         base, full = result["baselines"][task], by_policy.get(FULL, {}).get("1.0")
@@ -272,7 +291,7 @@ def overview_table(result: dict, budgets: list[float], policies: list[str]) -> s
             continue
         lines.append(f"| {task} | {result['question_types'][task]} | {result['prompts_per_task'][task]} | "
                      f"{full['score']:.3f} | {base['blank_images']:.3f} | {base['majority']:.3f} | "
-                     f"{full['score'] - base['blank_images']:+.3f} |")
+                     f"{full['score'] - base['blank_images']:+.3f}{_plus_minus(base.get('full_minus_blank_ci95'))} |")
     lines += ["", "Mean over tasks (kept fraction of the prompt's KV entries in brackets):", "",
               "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for name in policies:
