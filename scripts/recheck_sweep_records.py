@@ -32,7 +32,6 @@ def main() -> None:
     records = sweep.read_records(args.records)
     if not records:
         raise SystemExit(f"no records in {args.records}: run csp-eval first")
-    tasks = list(dict.fromkeys(r["task"] for r in records))
     reference = LlavaReference(model)
     same = total = 0
     seen: dict = {}

@@ -89,7 +89,7 @@ def test_first_turn_is_the_benchmarks_prompt_and_only_answers_are_supervised():
                                 labels=tuple(labels[i] for i in conv.image_ids), context=conv.context,
                                 question=first.question, choices=first.choices, answer=first.answer,
                                 answer_text=first.answer)
-    assert text.startswith(f"<|im_start|>system\n{td.SYSTEM}<|im_end|>\n<|im_start|>user\n"
+    assert text.startswith(f"<|im_start|>system\n{td.ev.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
                            f"{ev.prompt_text(sample_like)}<|im_end|>\n<|im_start|>assistant\n")
     answers = "".join(chr(t) for t, s in zip(ids, supervised) if s)
     assert answers == "".join(q.target + "<|im_end|>" for q in conv.questions)

@@ -41,7 +41,8 @@ def bench_prompt(model, processor, length: int) -> tuple[np.ndarray, np.ndarray]
     from cspkv.models.prompting import chat_prompt, demo_images
 
     size = getattr(processor, "image_size", None) or model.config.vision_config.image_size
-    pictures = [demo_images(size)[i % 4] for i in range(n_images)]
+    demo = demo_images(size)
+    pictures = [demo[i % len(demo)] for i in range(n_images)]
     encoded = processor(images=pictures, text=chat_prompt(processor, QUESTION, n_images), return_tensors="pt")
     tokenizer = getattr(processor, "tokenizer", processor)
     filler = np.asarray(tokenizer(FILLER, add_special_tokens=False)["input_ids"], np.int64)

@@ -9,9 +9,12 @@ import time
 import click
 
 MIB = 1024 * 1024
-# Worded as the benchmark's image_needle questions; the blue circle is image 2 of demo_images.
-DEMO_QUESTION = ("Question: Which image shows the blue circle?\nOptions:\nA. 1\nB. 2\nC. 3\nD. 4\n"
-                 "Answer with the option's letter.")
+
+def demo_question() -> str:
+    """The benchmark's image_needle wording; the blue circle is image 2 of ``demo_images``."""
+    from cspkv.evaluation.easyvqa_tasks import question_text
+
+    return question_text("Which image shows the blue circle?", ("1", "2", "3", "4"))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +60,7 @@ def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, po
 
             size = getattr(processor, "image_size", None) or net.config.vision_config.image_size
             pictures = load_images(images, size) if images else demo_images(size)
-            question = prompt or (DEMO_QUESTION if not images else None)
+            question = prompt or (demo_question() if not images else None)
             if question is None:
                 raise click.UsageError("--image needs a --prompt")
             result = generate(net, processor, pictures, chat_prompt(processor, question, len(pictures)), **decode)
@@ -101,7 +104,7 @@ def _run_engine(folder, images, prompt, max_new_tokens, policy):
 
             size = manifest["plan"]["image_size"]
             pictures = load_images(images, size) if images else demo_images(size)
-            question = prompt or (DEMO_QUESTION if not images else None)
+            question = prompt or (demo_question() if not images else None)
             if question is None:
                 raise click.UsageError("--image needs a --prompt")
             inputs = processor(text=chat_prompt(processor, question, len(pictures)), images=pictures,

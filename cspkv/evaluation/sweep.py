@@ -122,28 +122,29 @@ def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning:
     caches: list[PrunedCache] = []
     firsts: list[int] = []
 
-    def plan(prefill, pruned) -> int:
+    def plan(first: int, pruned) -> int:
         """Index of the cache whose reply this cell takes (a new one unless an identical exists)."""
         if reuse_identical:
             for index, cache in enumerate(caches):
-                if firsts[index] == int(prefill.logits[0].argmax()) and same_cache(cache, pruned):
+                if firsts[index] == first and same_cache(cache, pruned):
                     return index
         caches.append(pruned)
-        firsts.append(int(prefill.logits[0].argmax()))
+        firsts.append(first)
         return len(caches) - 1
 
     started = time.perf_counter()
     inputs = item.build_inputs(False)
     prefill = reference.prefill(inputs["input_ids"], inputs.get("pixel_values"), pruning)
     length = int(prefill.length)
+    first = int(prefill.logits[0].argmax())
     planned = {}
     for name in pruning:
         for budget in budgets if name != FULL else [1.0]:
             pruned = reference.prune(prefill, name, budget)
-            planned[name, str(budget)] = (plan(prefill, pruned), pruned.n_entries / prefill.length)
+            planned[name, str(budget)] = (plan(first, pruned), pruned.n_entries / length)
     blanked = item.build_inputs(True)
     blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"), {FULL: get_policy(FULL)})
-    blank_index = plan(blank_prefill, reference.prune(blank_prefill, FULL, 1.0))
+    blank_index = plan(int(blank_prefill.logits[0].argmax()), reference.prune(blank_prefill, FULL, 1.0))
     del prefill, blank_prefill  # their full K/V and scores are not needed for decoding
     if batched:
         tokens = decode_batch(reference, caches, firsts, max_new_tokens, eos_token_id=eos)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from cspkv.evaluation import easyvqa_tasks as ev
 
-SYSTEM = ev.SYSTEM_PROMPT
 QUESTION_MIX = (  # (kind, weight)
     ("attribute", 0.26),
     ("image_needle", 0.20),
@@ -217,7 +216,7 @@ def conversation_tokens(conversation: Conversation, tokenizer, image_tokens: int
     newline = encode("\n")
     for turn, q in enumerate(conversation.questions):
         user = (conversation.context + "\n" if turn == 0 else "") + q.user_text()
-        head = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n" if turn == 0 else "") + \
+        head = (f"<|im_start|>system\n{ev.SYSTEM_PROMPT}<|im_end|>\n" if turn == 0 else "") + \
             f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         piece = encode(head)
         ids += piece
