@@ -51,7 +51,8 @@ def test_window_scores_match_hf_eager_attention(model, chunk_rows, monkeypatch):
     monkeypatch.setattr("cspkv.models.llava.SCORE_CHUNK_ROWS", chunk_rows)
     ids, pixels = multi_image_prompt(2, seed=5)
     ref = LlavaReference(model)
-    prefill = ref.prefill(ids, pixels, {"h2o": get_policy("h2o"), "csp": get_policy("csp", n=0.0)})
+    prefill = ref.prefill(ids, pixels, {"h2o": get_policy("h2o"), "csp": get_policy("csp", n=0.0),
+                                        "snapkv": get_policy("snapkv"), "lookm": get_policy("lookm")})
     model.config.text_config._attn_implementation = "eager"
     model.model.language_model.config._attn_implementation = "eager"
     try:
@@ -67,6 +68,39 @@ def test_window_scores_match_hf_eager_attention(model, chunk_rows, monkeypatch):
                                    atol=2e-5, rtol=1e-4)
         window_sum = grouped[:, :, :, -window:].sum(dim=(2, 3))
         torch.testing.assert_close(prefill.scores["csp"][layer].sum(2), window_sum, atol=2e-5, rtol=1e-4)
+        # SnapKV, LOOK-M and the window mass share one computation of the same sums
+        torch.testing.assert_close(prefill.scores["snapkv"][layer][:, :, 0], window_sum, atol=2e-5, rtol=1e-4)
+        assert torch.equal(prefill.scores["lookm"][layer], prefill.scores["snapkv"][layer])
+        torch.testing.assert_close(prefill.window_mass[layer], window_sum / window, atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_without_window_mass(model, monkeypatch):
+    """window_mass=False changes no score; the re-score decode mode (the mass's only reader) then
+    refuses clearly; policies that read no attention then need no window logits at all."""
+    ids, pixels = multi_image_prompt(2, seed=4)
+    ref = LlavaReference(model)
+    policies = {name: get_policy(name) for name in available_policies()}
+    with_mass = ref.prefill(ids, pixels, policies)
+    without = ref.prefill(ids, pixels, policies, window_mass=False)
+    assert without.window_mass is None
+    for name in policies:
+        assert all(torch.equal(a, b) for a, b in zip(with_mass.scores[name], without.scores[name])), name
+    pruned = ref.prune(without, "csp", 0.5)
+    assert pruned.mass is None
+    first = int(without.logits[0].argmax())
+    assert ref.decode(pruned, first, 6, mode="ring", decode_slots=3).tokens == \
+        ref.decode(ref.prune(with_mass, "csp", 0.5), first, 6, mode="ring", decode_slots=3).tokens
+    with pytest.raises(ValueError, match="rescore.*window_mass=True"):
+        ref.decode(pruned, first, 6, mode="rescore", decode_slots=3)
+
+    calls = []
+    monkeypatch.setattr("cspkv.models.llava.causal_window_logits", lambda *a: calls.append(1))
+    bare = ref.prefill(ids, pixels, {name: get_policy(name) for name in ("full", "streaming_llm", "random")},
+                       window_mass=False)
+    assert calls == []
+    for name in ("full", "streaming_llm", "random"):
+        assert all(torch.equal(a, b) for a, b in zip(bare.scores[name], with_mass.scores[name])), name
+    assert torch.equal(bare.logits, with_mass.logits)
 
 
 def hf_decode_over(model, keys, values, token, position):

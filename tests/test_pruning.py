@@ -164,6 +164,25 @@ def test_eager_n_softmax_equals_the_graph_form_and_window_probabilities_match_un
         torch.testing.assert_close(program.module()(logits, key_mod, query_mod), expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name,params", [("snapkv", {}), ("lookm", {}), ("h2o", {}), ("csp", {"n": 0.0}),
+                                         ("csp", {"n": 1.0}), ("csp", {"n": 3.0, "cross_ratio": 0.3})])
+def test_eager_window_scores_equal_the_graph_form(name, params, monkeypatch):
+    """The eager fast path (grouped_window_attention: the row normaliser folded into one matmul,
+    no probabilities written) against the graph form (probabilities, masks, sums), with padded
+    keys and rows and a fully masked row."""
+    logits, key_mod, query_mod = random_inputs(11, batch=2, heads=2, groups=3, length=40, window=6,
+                                               n_pad=4, n_pad_rows=1)
+    logits[1, 0, 2, 4] = float("-inf")
+    policy = get_policy(name, **params)
+    eager = policy.score(logits, key_mod, query_mod)
+    for module in ("cspkv.pruning.base", "cspkv.pruning.csp"):
+        monkeypatch.setattr(f"{module}._in_graph_capture", lambda: True)
+    graph = policy.score(logits, key_mod, query_mod)
+    assert eager.shape == graph.shape
+    torch.testing.assert_close(eager, graph, rtol=1e-5, atol=1e-6)
+    assert (eager[..., -4:] == 0).all()          # padded keys score nothing
+
+
 def _text_queries_attend_to_two_image_keys():
     """60 positions: text 0-3, image 4-43, text 44-59. Every query sees the text prefix strongly;
     image queries also attend to early image keys; the window's text queries attend moderately to

@@ -134,7 +134,8 @@ def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning:
 
     started = time.perf_counter()
     inputs = item.build_inputs(False)
-    prefill = reference.prefill(inputs["input_ids"], inputs.get("pixel_values"), pruning)
+    # batched or not, the sweep decodes without the ring buffer's re-score: no window mass needed
+    prefill = reference.prefill(inputs["input_ids"], inputs.get("pixel_values"), pruning, window_mass=False)
     length = int(prefill.length)
     first = int(prefill.logits[0].argmax())
     planned = {}
@@ -143,7 +144,8 @@ def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning:
             pruned = reference.prune(prefill, name, budget)
             planned[name, str(budget)] = (plan(first, pruned), pruned.n_entries / length)
     blanked = item.build_inputs(True)
-    blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"), {FULL: get_policy(FULL)})
+    blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"), {FULL: get_policy(FULL)},
+                                      window_mass=False)  # the bare forward
     blank_index = plan(int(blank_prefill.logits[0].argmax()), reference.prune(blank_prefill, FULL, 1.0))
     del prefill, blank_prefill  # their full K/V and scores are not needed for decoding
     if batched:

@@ -78,7 +78,7 @@ class Prefill:
     values: list[torch.Tensor]            # per layer [1, H_kv, L, D]
     modality: torch.Tensor                # [1, L]
     scores: dict[str, list[torch.Tensor]]  # policy key -> per layer [1, H_kv, S, L]
-    window_mass: list[torch.Tensor]       # per layer [1, H_kv, L]: mean softmax mass per window query
+    window_mass: list[torch.Tensor] | None  # per layer [1, H_kv, L]: mean softmax mass per window query
     policies: dict[str, PruningPolicy] = field(default_factory=dict)
 
     @property
@@ -92,7 +92,7 @@ class PrunedCache:
     values: list[torch.Tensor]
     positions: torch.Tensor        # [layers, H_kv, C] absolute positions of the kept entries
     modality: torch.Tensor         # [layers, H_kv, C]
-    mass: torch.Tensor             # [layers, H_kv, C] window attention mass (re-score's start)
+    mass: torch.Tensor | None      # [layers, H_kv, C] window attention mass (re-score's start)
     prompt_len: int
 
     @property
@@ -139,8 +139,13 @@ class LlavaReference:
     # --- prefill ------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                policies: dict[str, PruningPolicy], mass_window_ratio: float = 0.1) -> Prefill:
-        """Run the full-attention prefill and score every key with every policy, layer by layer."""
+                policies: dict[str, PruningPolicy], mass_window_ratio: float = 0.1,
+                window_mass: bool = True) -> Prefill:
+        """Run the full-attention prefill and score every key with every policy, layer by layer.
+
+        ``window_mass=False`` skips the window attention mass (only the "rescore" decode mode reads
+        it); with it off and only policies that read no attention (full, StreamingLLM, random) the
+        prefill is the bare model forward."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"input_ids must have shape [1, L] (batch 1), got {tuple(input_ids.shape)}")
         max_pos = getattr(self.config, "max_position_embeddings", None)
@@ -152,6 +157,7 @@ class LlavaReference:
         scores = {key: [None] * self.n_layers for key in policies}
         mass = [None] * self.n_layers
         mass_rows = max(1, math.floor(mass_window_ratio * length))
+        attending = {key: policy for key, policy in policies.items() if policy.uses_window_attention}
 
         def hook(module, args, kwargs, output):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -162,6 +168,7 @@ class LlavaReference:
             _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
 
             chunks: dict = {}  # CSP, SnapKV, LOOK-M and the mass share the same last-W-row chunks
+            plain: dict = {}   # and SnapKV, LOOK-M and the mass the same plain attention sums
 
             def window_logits(first_row: int, last_row: int, seen_keys_only: bool = False) -> torch.Tensor:
                 if (first_row, last_row) in chunks:
@@ -179,34 +186,52 @@ class LlavaReference:
                 rows = torch.arange(first_row, last_row, device=hidden.device)
                 return causal_window_logits(q, keys[:, :, :n_keys], rows, module.scaling)
 
-            for key, policy in policies.items():
-                rows = int(policy.scoring_window(length))
+            def chunk_score(score, start: int, stop: int, seen_keys_only: bool) -> torch.Tensor:
+                logits = window_logits(start, stop, seen_keys_only)
+                seen = logits.shape[-1]  # keys after `seen` got exactly 0 from these rows
+                part = score(logits, modality[:, :seen], modality[:, start:stop])
+                return torch.nn.functional.pad(part, (0, length - seen)) if seen < length else part
+
+            def plain_attention(start: int, stop: int, seen_keys_only: bool = False) -> torch.Tensor:
+                if (start, stop) not in plain:
+                    plain[start, stop] = chunk_score(PruningPolicy.attention_score, start, stop, seen_keys_only)
+                return plain[start, stop]
+
+            def summed(part, rows: int) -> torch.Tensor:
                 total = None
                 for start in range(length - rows, length, SCORE_CHUNK_ROWS):
-                    stop = min(start + SCORE_CHUNK_ROWS, length)
-                    logits = window_logits(start, stop, seen_keys_only=policy.row_additive_score)
-                    seen = logits.shape[-1]  # keys after `seen` got exactly 0 from these rows
-                    part = policy.score(logits, modality[:, :seen], modality[:, start:stop])
-                    if seen < length:
-                        part = torch.nn.functional.pad(part, (0, length - seen))
-                    total = part if total is None else total + part
-                scores[key][layer] = total
-            probs = PruningPolicy.window_probabilities(
-                window_logits(length - mass_rows, length), modality, modality[:, -mass_rows:])
-            mass[layer] = probs.sum(dim=(2, 3)) / mass_rows
+                    value = part(start, min(start + SCORE_CHUNK_ROWS, length))
+                    total = value if total is None else total + value
+                return total
 
+            for key, policy in attending.items():
+                rows = int(policy.scoring_window(length))
+                if policy.score_is_window_attention:
+                    scores[key][layer] = summed(
+                        lambda start, stop: plain_attention(start, stop, policy.row_additive_score), rows)
+                else:
+                    scores[key][layer] = summed(
+                        lambda start, stop: chunk_score(policy.score, start, stop, policy.row_additive_score), rows)
+            if window_mass:
+                mass[layer] = summed(plain_attention, mass_rows)[:, :, 0] / mass_rows
+
+        hooked = bool(attending) or window_mass
         handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True)
-                   for layer in self.text_model.layers]
+                   for layer in self.text_model.layers] if hooked else []
         try:
             out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
         finally:
             for handle in handles:
                 handle.remove()
+        no_window = torch.empty(1, self.n_kv_heads, self.n_heads // self.n_kv_heads, 0, length)
+        for key, policy in policies.items():
+            if key not in attending:  # the same scores in every layer: computed once
+                scores[key] = [policy.score(no_window, modality, modality[:, :0])] * self.n_layers
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         keys = [cache.layers[i].keys for i in range(self.n_layers)]
         values = [cache.layers[i].values for i in range(self.n_layers)]
         return Prefill(logits=out.logits[:, -1].float(), keys=keys, values=values, modality=modality,
-                       scores=scores, window_mass=mass, policies=dict(policies))
+                       scores=scores, window_mass=mass if window_mass else None, policies=dict(policies))
 
     # --- pruning ------------------------------------------------------------------------------
     def prune(self, prefill: Prefill, policy_key: str, budget: float) -> PrunedCache:
@@ -228,9 +253,10 @@ class LlavaReference:
             values.append(v)
             positions.append(kept)
             modality.append(prefill.modality[0][kept])
-            mass.append(prefill.window_mass[layer][0].gather(-1, kept))
+            if prefill.window_mass is not None:
+                mass.append(prefill.window_mass[layer][0].gather(-1, kept))
         return PrunedCache(keys, values, torch.stack(positions), torch.stack(modality),
-                           torch.stack(mass), prefill.length)
+                           torch.stack(mass) if mass else None, prefill.length)
 
     def _kept_indices(self, policy: PruningPolicy, prefill: Prefill, layer: int, n_keep: int):
         key = next(k for k, p in prefill.policies.items() if p is policy)
@@ -257,6 +283,9 @@ class LlavaReference:
             decode_slots = max_new_tokens
         elif decode_slots is None or decode_slots < 1:
             raise ValueError(f"decode_slots must be >= 1 for mode {mode!r}, got {decode_slots!r}")
+        if mode == RESCORE and pruned.mass is None:
+            raise ValueError("mode 'rescore' starts from the window attention mass: prefill with "
+                             "window_mass=True")
         null_logit = null_slot_logit(decode_n)
         n_slots = pruned.n_entries + decode_slots + (1 if null_logit is not None else 0)
         table = SlotTable(self.n_layers, self.n_kv_heads, n_slots,
@@ -264,7 +293,9 @@ class LlavaReference:
                           n_recent=n_recent, n_sink=n_sink, null_logit=null_logit)
         table.load_prefill(pruned.positions.numpy(), pruned.modality.numpy(),
                            np.full((self.n_layers, self.n_kv_heads), pruned.n_entries),
-                           pruned.prompt_len, pruned.mass.float().numpy())
+                           pruned.prompt_len,
+                           # ring and unbounded never read the scores: zeros when the mass was skipped
+                           (pruned.mass if pruned.mass is not None else pruned.positions * 0.0).float().numpy())
         dtype = pruned.keys[0].dtype
         kv = torch.zeros((self.n_layers, 2, 1, self.n_kv_heads, n_slots, self.head_dim), dtype=dtype)
         c = pruned.n_entries

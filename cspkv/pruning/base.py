@@ -67,6 +67,33 @@ def _in_graph_capture() -> bool:
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
+def grouped_window_attention(window_logits: torch.Tensor, key_modality: torch.Tensor,
+                             row_groups: torch.Tensor, n: float = 0.0) -> torch.Tensor:
+    """(n-)softmax attention of each window row, summed over the G heads and over the rows of each
+    group: [B, H_kv, M, L] for ``row_groups`` [B, W, M] (1 where row w belongs to group m).
+
+    The eager fast path of the window scores (the sweep scores every prompt row for H2O): the
+    per-row normaliser is folded into one matmul over the unnormalised exponentials, so the
+    probabilities are never written out. Padded keys are masked as in ``window_probabilities``;
+    a fully masked row contributes zeros. Checked against the graph form in the tests.
+    """
+    batch, heads, groups, window, length = window_logits.shape
+    logits = window_logits.float()
+    key_valid = (key_modality >= 0)[:, None, None, None, :]
+    if not bool(key_valid.all()):
+        logits = logits.masked_fill(~key_valid, float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True).clamp(min=-1e30)  # as n_softmax: masked rows stay 0
+    exps = torch.sub(logits, row_max).exp_()
+    denom = exps.sum(dim=-1)
+    if n > 0:
+        denom = denom + torch.exp(math.log(n) - row_max[..., 0])
+    inverse = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                          torch.zeros_like(denom))                                  # [B, H, G, W]
+    weights = inverse[..., None] * row_groups.to(inverse.dtype)[:, None, None]      # [B, H, G, W, M]
+    return torch.matmul(weights.reshape(batch, heads, groups * window, -1).transpose(-1, -2),
+                        exps.reshape(batch, heads, groups * window, length))
+
+
 def floor_ratio(ratio: float, count: IntOrTensor) -> IntOrTensor:
     """floor(ratio * count) in float64, identical for Python ints and tensors (and in ONNX)."""
     if isinstance(count, torch.Tensor):
@@ -134,6 +161,12 @@ class PruningPolicy:
     # True where ``score`` is a sum over rows of each row's softmax attention (H2O): a row then
     # gives keys after it exactly 0, so callers may score early rows over only the keys they see.
     row_additive_score = False
+    # False where ``score`` ignores the logits (full, StreamingLLM, random): a caller may pass a
+    # window of no rows and skip computing attention for it.
+    uses_window_attention = True
+    # True where ``score`` is exactly ``attention_score`` (SnapKV, LOOK-M, H2O): a caller scoring
+    # several such policies over the same rows may compute it once and share it.
+    score_is_window_attention = False
 
     def __init__(self, window_ratio: float = 0.1, recent_ratio: float = 1.0):
         if not (0.0 < window_ratio <= 1.0):
@@ -215,10 +248,14 @@ class PruningPolicy:
         probs = n_softmax(logits, n=n, dim=-1)
         return torch.where(row_valid, probs, torch.zeros_like(probs))
 
-    def attention_score(self, window_logits: torch.Tensor, key_modality: torch.Tensor,
+    @staticmethod
+    def attention_score(window_logits: torch.Tensor, key_modality: torch.Tensor,
                         query_modality: torch.Tensor) -> torch.Tensor:
         """The plain window score: softmax attention summed over rows and G heads, [B, H_kv, 1, L]."""
-        probs = self.window_probabilities(window_logits, key_modality, query_modality, n=0.0)
+        if not _in_graph_capture():  # eager: the same sums without materialising probabilities
+            valid_rows = (query_modality >= 0)[..., None]
+            return grouped_window_attention(window_logits, key_modality, valid_rows, n=0.0)
+        probs = PruningPolicy.window_probabilities(window_logits, key_modality, query_modality, n=0.0)
         return probs.sum(dim=(2, 3))[:, :, None, :]
 
     # --- the public entry point ---------------------------------------------------------------

@@ -7,6 +7,7 @@ from cspkv.pruning.base import PruningPolicy
 
 class FullCache(PruningPolicy):
     name = "full"
+    uses_window_attention = False
 
     def score(self, window_logits, key_modality, query_modality):
         batch, heads = window_logits.shape[:2]

@@ -10,6 +10,7 @@ from cspkv.pruning.base import PruningPolicy
 
 class H2O(PruningPolicy):
     name = "h2o"
+    score_is_window_attention = True
     row_additive_score = True
 
     def scoring_window(self, n_valid):

@@ -14,6 +14,7 @@ from cspkv.pruning.base import TEXT, PruningPolicy, top_k_mask
 
 class LookM(PruningPolicy):
     name = "lookm"
+    score_is_window_attention = True
 
     def __init__(self, merge: bool = False, **kwargs):
         super().__init__(**kwargs)

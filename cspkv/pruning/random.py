@@ -13,6 +13,7 @@ _MODULUS = 16_777_213  # prime below 2^24: priorities stay exact in float32
 
 class RandomPolicy(PruningPolicy):
     name = "random"
+    uses_window_attention = False
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

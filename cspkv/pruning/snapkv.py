@@ -11,6 +11,7 @@ from cspkv.pruning.base import PruningPolicy
 
 class SnapKV(PruningPolicy):
     name = "snapkv"
+    score_is_window_attention = True
 
     def __init__(self, kernel_size: int = 5, **kwargs):
         super().__init__(**kwargs)

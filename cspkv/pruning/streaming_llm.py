@@ -7,6 +7,7 @@ from cspkv.pruning.base import PruningPolicy
 
 class StreamingLLM(PruningPolicy):
     name = "streaming_llm"
+    uses_window_attention = False
 
     def __init__(self, n_sink: int = 4, **kwargs):
         super().__init__(**kwargs)
