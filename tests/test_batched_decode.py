@@ -44,15 +44,29 @@ def test_batched_tokens_and_logits_equal_the_reference_decoder(reference):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_each_row_stops_at_its_own_eos(reference):
-    """A row stops where the reference stops for that eos; the others run on."""
+def test_each_row_stops_at_its_own_eos_and_leaves_the_batch(reference, monkeypatch):
+    """A row stops where the reference stops for that eos; the others run on, with the same logits,
+    and from then on the finished row is no longer computed."""
+    import cspkv.models.batched_decode as bd
+
     caches, firsts = caches_of_one_prompt(reference, seed=4)
     full = [reference.decode(cache, first, 10).tokens for cache, first in zip(caches, firsts)]
     eos = full[1][3]          # a token the second cache produces at its fourth step
-    batched = decode_batch(reference, caches, firsts, 10, eos_token_id=eos)
-    for cache, first, tokens in zip(caches, firsts, batched):
-        assert tokens == reference.decode(cache, first, 10, eos_token_id=eos).tokens
+    rows_attended = []
+    attend = bd._attend
+    monkeypatch.setattr(bd, "_attend", lambda q, *rest: rows_attended.append(q.shape[0]) or attend(q, *rest))
+    logits = []
+    batched = decode_batch(reference, caches, firsts, 10, eos_token_id=eos, logits_out=logits)
+    for cache, first, tokens, step_logits in zip(caches, firsts, batched, logits):
+        one = reference.decode(cache, first, 10, eos_token_id=eos)
+        assert tokens == one.tokens
+        assert len(step_logits) == len(one.logits)
+        for a, b in zip(step_logits, one.logits):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert len(batched[1]) <= 4 and max(map(len, batched)) <= 10
+    assert min(map(len, batched)) < max(map(len, batched))
+    # every row computed in every layer produced one recorded token: finished rows cost nothing
+    assert sum(rows_attended) == reference.n_layers * sum(len(tokens) - 1 for tokens in batched)
 
 
 def test_bad_batches_get_a_clear_error(reference):

@@ -6,7 +6,8 @@ caches of the same prompt (every policy and budget, plus the blanked images), an
 step is bound by reading the 135M weights. Here every cache takes its step together: the linear
 layers run once on a [B, 1, hidden] batch, and attention runs per group of caches that kept the
 same number of entries (every policy keeps the same count at a budget), over exactly the entries
-each cache holds, so no cache is padded. Same results as ``LlavaReference.decode`` in its
+each cache holds, so no cache is padded. A cache that reaches EOS leaves the batch (replies
+in a sweep end anywhere from 1 to 112 tokens). Same results as ``LlavaReference.decode`` in its
 "unbounded" mode (no null slot); the tests check the tokens and logits against it.
 """
 
@@ -19,7 +20,8 @@ from cspkv.models.static_llama import DecoderShape, attention_inputs, layer_outp
 
 
 class _Group:
-    """Caches with the same entry count: one K/V buffer [layers, 2, B, H_kv, C + new, D]."""
+    """Caches with the same entry count: one K/V buffer [layers, 2, B, H_kv, C + new, D] whose batch
+    rows are the still-decoding ``members`` (cache indices)."""
 
     def __init__(self, members: list[int], caches: list[PrunedCache], max_new_tokens: int):
         self.members = members
@@ -32,6 +34,14 @@ class _Group:
             for layer in range(n_layers):
                 self.kv[layer, 0, row, :, :self.filled] = caches[index].keys[layer][0]
                 self.kv[layer, 1, row, :, :self.filled] = caches[index].values[layer][0]
+
+    def keep_unfinished(self, finished: list[bool]) -> None:
+        """Drop the rows whose cache finished: one copy of the buffer, after which every step
+        reads and computes only for rows still decoding (replies end at very different lengths)."""
+        rows = [row for row, index in enumerate(self.members) if not finished[index]]
+        if len(rows) < len(self.members):
+            self.kv = self.kv.index_select(2, torch.tensor(rows, dtype=torch.long))
+            self.members = [self.members[row] for row in rows]
 
 
 def _attend(q: torch.Tensor, kv: torch.Tensor, filled: int, k: torch.Tensor, v: torch.Tensor, scaling: float):
@@ -73,11 +83,6 @@ def decode_batch(reference: LlavaReference, caches: list[PrunedCache], first_tok
     for index, cache in enumerate(caches):
         by_size.setdefault(cache.n_entries, []).append(index)
     groups = [_Group(members, caches, max_new_tokens) for members in by_size.values()]
-    order = [index for group in groups for index in group.members]       # batch row -> cache index
-    rows, start = [], 0
-    for group in groups:
-        rows.append(slice(start, start + len(group.members)))
-        start += len(group.members)
 
     text_model = reference.text_model
     shape = DecoderShape(text_model.config)
@@ -86,10 +91,16 @@ def decode_batch(reference: LlavaReference, caches: list[PrunedCache], first_tok
         logits_out.extend([] for _ in caches)
     finished = [eos_token_id is not None and first == eos_token_id for first in first_tokens]
     for step in range(max_new_tokens - 1):
-        if all(finished):
+        for group in groups:
+            group.keep_unfinished(finished)
+        groups = [group for group in groups if group.members]
+        if not groups:
             break
-        # Rows that finished keep stepping (on whatever they last produced) until all have: cheaper
-        # than re-packing the buffers, and their extra tokens are never recorded.
+        order = [index for group in groups for index in group.members]   # batch row -> cache index
+        rows, start = [], 0
+        for group in groups:
+            rows.append(slice(start, start + len(group.members)))
+            start += len(group.members)
         last = torch.tensor([[tokens[i][-1]] for i in order])
         hidden = text_model.embed_tokens(last)                                        # [B, 1, hidden]
         position = torch.tensor([[prompt_len + step]])
@@ -106,10 +117,9 @@ def decode_batch(reference: LlavaReference, caches: list[PrunedCache], first_tok
             hidden = layer_output(layer, hidden, torch.cat(outs))
         logits = reference.model.lm_head(text_model.norm(hidden))[:, -1].float()
         for row, cache_index in enumerate(order):
-            if not finished[cache_index]:
-                if logits_out is not None:
-                    logits_out[cache_index].append(logits[row].clone())
-                token = int(logits[row].argmax())
-                tokens[cache_index].append(token)
-                finished[cache_index] = eos_token_id is not None and token == eos_token_id
+            if logits_out is not None:
+                logits_out[cache_index].append(logits[row].clone())
+            token = int(logits[row].argmax())
+            tokens[cache_index].append(token)
+            finished[cache_index] = eos_token_id is not None and token == eos_token_id
     return tokens
