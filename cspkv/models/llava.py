@@ -24,6 +24,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cspkv.pruning import IMAGE, PAD, TEXT, PruningPolicy, check_budget, get_policy, keep_count
+from cspkv.pruning.base import in_graph_capture
 from cspkv.models.static_llama import DecoderShape, decode_step, project_heads
 from cspkv.runtime.slot_reference import RING, RESCORE, SlotTable, null_slot_logit
 
@@ -64,9 +65,12 @@ def causal_window_logits(queries: torch.Tensor, keys: torch.Tensor, query_positi
     batch, n_q_heads, rows, dim = queries.shape
     n_kv_heads, length = keys.shape[1], keys.shape[2]
     grouped = queries.reshape(batch, n_kv_heads, n_q_heads // n_kv_heads, rows, dim)
-    logits = grouped @ keys[:, :, None].transpose(-1, -2) * scaling
+    logits = grouped @ keys[:, :, None].transpose(-1, -2)
     future = torch.arange(length, device=keys.device)[None, :] > query_positions[:, None]
-    return logits.masked_fill(future, float("-inf"))
+    if in_graph_capture():
+        return (logits * scaling).masked_fill(future, float("-inf"))
+    # eager (the sweep's H2O rows): in place, the same values without two fresh W x L buffers
+    return logits.mul_(scaling).masked_fill_(future, float("-inf"))
 
 
 @dataclass

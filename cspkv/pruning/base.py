@@ -63,7 +63,7 @@ def n_softmax_eager(logits: torch.Tensor, n: float = 1.0, dim: int = -1) -> torc
     return (logits - lse.clamp(min=-1e30)).exp_()
 
 
-def _in_graph_capture() -> bool:
+def in_graph_capture() -> bool:
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
@@ -238,7 +238,7 @@ class PruningPolicy:
         """
         key_valid = (key_modality >= 0)[:, None, None, None, :]
         row_valid = (query_modality >= 0)[:, None, None, :, None]
-        if not _in_graph_capture():  # eager: the same values, fewer passes (n_softmax_eager)
+        if not in_graph_capture():  # eager: the same values, fewer passes (n_softmax_eager)
             logits = window_logits.float()
             if not bool(key_valid.all()):
                 logits = logits.masked_fill(~key_valid, float("-inf"))
@@ -252,7 +252,7 @@ class PruningPolicy:
     def attention_score(window_logits: torch.Tensor, key_modality: torch.Tensor,
                         query_modality: torch.Tensor) -> torch.Tensor:
         """The plain window score: softmax attention summed over rows and G heads, [B, H_kv, 1, L]."""
-        if not _in_graph_capture():  # eager: the same sums without materialising probabilities
+        if not in_graph_capture():  # eager: the same sums without materialising probabilities
             valid_rows = (query_modality >= 0)[..., None]
             return grouped_window_attention(window_logits, key_modality, valid_rows, n=0.0)
         probs = PruningPolicy.window_probabilities(window_logits, key_modality, query_modality, n=0.0)

@@ -10,7 +10,7 @@ Variants:
 
 import torch
 
-from cspkv.pruning.base import (IMAGE, TEXT, PruningPolicy, _in_graph_capture, floor_ratio,
+from cspkv.pruning.base import (IMAGE, TEXT, PruningPolicy, in_graph_capture, floor_ratio,
                                grouped_window_attention, top_k_mask)
 
 VARIANTS = ("distinct", "paper")
@@ -36,7 +36,7 @@ class CrossSelfPruning(PruningPolicy):
 
     def score(self, window_logits, key_modality, query_modality):
         """Channels: 0 = S_self (query and key of the same modality), 1 = S_cross."""
-        if not _in_graph_capture():
+        if not in_graph_capture():
             return self._score_by_row_modality(window_logits, key_modality, query_modality)
         probs = self.window_probabilities(window_logits, key_modality, query_modality, n=self.n)
         same = (query_modality[:, :, None] == key_modality[:, None, :])[:, None, None]  # [B,1,1,W,L]
