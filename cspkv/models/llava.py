@@ -209,13 +209,11 @@ class LlavaReference:
                 return total
 
             for key, policy in attending.items():
-                rows = int(policy.scoring_window(length))
-                if policy.score_is_window_attention:
-                    scores[key][layer] = summed(
-                        lambda start, stop: plain_attention(start, stop, policy.row_additive_score), rows)
-                else:
-                    scores[key][layer] = summed(
-                        lambda start, stop: chunk_score(policy.score, start, stop, policy.row_additive_score), rows)
+                def part(start, stop, policy=policy):
+                    if policy.score_is_window_attention:  # shared with the other such policies
+                        return plain_attention(start, stop, policy.row_additive_score)
+                    return chunk_score(policy.score, start, stop, policy.row_additive_score)
+                scores[key][layer] = summed(part, int(policy.scoring_window(length)))
             if window_mass:
                 mass[layer] = summed(plain_attention, mass_rows)[:, :, 0] / mass_rows
 
@@ -299,7 +297,7 @@ class LlavaReference:
                            np.full((self.n_layers, self.n_kv_heads), pruned.n_entries),
                            pruned.prompt_len,
                            # ring and unbounded never read the scores: zeros when the mass was skipped
-                           (pruned.mass if pruned.mass is not None else pruned.positions * 0.0).float().numpy())
+                           (pruned.mass if pruned.mass is not None else torch.zeros(pruned.positions.shape)).float().numpy())
         dtype = pruned.keys[0].dtype
         kv = torch.zeros((self.n_layers, 2, 1, self.n_kv_heads, n_slots, self.head_dim), dtype=dtype)
         c = pruned.n_entries

@@ -67,6 +67,13 @@ def in_graph_capture() -> bool:
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
+def _eager_masked_logits(window_logits: torch.Tensor, key_modality: torch.Tensor) -> torch.Tensor:
+    """float32 window logits with padded keys at -inf (no copy when nothing is padded)."""
+    logits = window_logits.float()
+    key_valid = (key_modality >= 0)[:, None, None, None, :]
+    return logits if bool(key_valid.all()) else logits.masked_fill(~key_valid, float("-inf"))
+
+
 def grouped_window_attention(window_logits: torch.Tensor, key_modality: torch.Tensor,
                              row_groups: torch.Tensor, n: float = 0.0) -> torch.Tensor:
     """(n-)softmax attention of each window row, summed over the G heads and over the rows of each
@@ -78,10 +85,7 @@ def grouped_window_attention(window_logits: torch.Tensor, key_modality: torch.Te
     a fully masked row contributes zeros. Checked against the graph form in the tests.
     """
     batch, heads, groups, window, length = window_logits.shape
-    logits = window_logits.float()
-    key_valid = (key_modality >= 0)[:, None, None, None, :]
-    if not bool(key_valid.all()):
-        logits = logits.masked_fill(~key_valid, float("-inf"))
+    logits = _eager_masked_logits(window_logits, key_modality)
     row_max = logits.amax(dim=-1, keepdim=True).clamp(min=-1e30)  # as n_softmax: masked rows stay 0
     exps = torch.sub(logits, row_max).exp_()
     denom = exps.sum(dim=-1)
@@ -236,14 +240,11 @@ class PruningPolicy:
         Padded keys are masked here whatever logits the caller gave them, and padded rows zeroed,
         so padding can never shift a valid key's score.
         """
-        key_valid = (key_modality >= 0)[:, None, None, None, :]
         row_valid = (query_modality >= 0)[:, None, None, :, None]
         if not in_graph_capture():  # eager: the same values, fewer passes (n_softmax_eager)
-            logits = window_logits.float()
-            if not bool(key_valid.all()):
-                logits = logits.masked_fill(~key_valid, float("-inf"))
-            probs = n_softmax_eager(logits, n=n, dim=-1)
+            probs = n_softmax_eager(_eager_masked_logits(window_logits, key_modality), n=n, dim=-1)
             return probs if bool(row_valid.all()) else probs.masked_fill_(~row_valid, 0.0)
+        key_valid = (key_modality >= 0)[:, None, None, None, :]
         logits = window_logits.float().masked_fill(~key_valid, float("-inf"))
         probs = n_softmax(logits, n=n, dim=-1)
         return torch.where(row_valid, probs, torch.zeros_like(probs))
