@@ -31,6 +31,7 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     from pathlib import Path
 
     from cspkv.evaluation import sweep
+    from cspkv.heap import keep_freed_heap
     from cspkv.models.registry import ModelNotFound, load_model
     from cspkv.pruning import available_policies, check_budget
 
@@ -44,6 +45,7 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
             check_budget(budget)
     except ValueError as exc:
         raise click.UsageError(f"--budgets: {exc}") from None
+    keep_freed_heap()  # the sweep frees and re-allocates 10-100 MB score buffers every layer
     errors: list[str] = []
     try:
         if milebench is None:
