@@ -121,6 +121,35 @@ def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_
     assert len(calls) == 2 * len(items)
 
 
+def test_sweep_reuses_records_of_the_same_weight_sources_across_machines(monkeypatch, tmp_path):
+    """The same committed files merge to weights a few ULPs apart on another CPU: with a weights
+    key, those records are reused; without one, or with another key, they are redone."""
+    model = tiny_llava(seed=2)
+    calls = []
+    original = LlavaReference.prefill
+    monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    items = [_prompt_item("t1", seed, 2, lambda reply: 1.0, "1") for seed in (1, 2)]
+    policies, budgets = ["full", "csp"], [1.0, 0.5]
+    records = tmp_path / "records.jsonl"
+    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records,
+                    weights_key="k1")
+    assert all(r["weights"] == "k1" for r in sweep.read_records(records))
+    with torch.no_grad():                                  # "another machine": last-bit differences
+        model.lm_head.weight.copy_(torch.nextafter(model.lm_head.weight, torch.tensor(1.0)))
+    calls.clear()
+    result = sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2,
+                             records_path=records, weights_key="k1")
+    assert len(calls) == 0 and result["prompts_per_task"] == {"t1": 2}
+    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 2 * len(items)                    # no key: the exact fingerprint decides
+    calls.clear()
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.nextafter(model.lm_head.weight, torch.tensor(1.0)))
+    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records,
+                    weights_key="k2")
+    assert len(calls) == 2 * len(items)                    # neither key nor fingerprint matches
+
+
 def test_easyvqa_items_key_their_records_by_prompt_text_and_images():
     from cspkv.evaluation import easyvqa_tasks as ev
 
