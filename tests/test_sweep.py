@@ -30,11 +30,18 @@ def _prompt_item(task, seed, n_images, score, answer):
                           score, answer, "multi-choice")
 
 
-def test_sweep_prefills_once_per_prompt_and_fills_every_cell(monkeypatch):
-    model = tiny_llava(seed=2)
+@pytest.fixture
+def prefill_calls(monkeypatch):
+    """A list that grows by one on every LlavaReference.prefill (the real one still runs)."""
     calls = []
     original = LlavaReference.prefill
     monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
+
+
+def test_sweep_prefills_once_per_prompt_and_fills_every_cell(prefill_calls):
+    model = tiny_llava(seed=2)
+    calls = prefill_calls
 
     def item(task, seed):
         return _prompt_item(task, seed, 3, lambda reply: float(len(reply) > 0), "A")
@@ -72,11 +79,9 @@ def test_paired_interval_of_full_minus_blanked():
     assert sweep.paired_ci95([1.0]) is None
 
 
-def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_path):
+def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(prefill_calls, tmp_path):
     model = tiny_llava(seed=2)
-    calls = []
-    original = LlavaReference.prefill
-    monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    calls = prefill_calls
 
     def item(task, seed):
         return _prompt_item(task, seed, 2, lambda reply: float(reply.startswith("1")), "1")
@@ -121,13 +126,11 @@ def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(monkeypatch, tmp_
     assert len(calls) == 2 * len(items)
 
 
-def test_sweep_reuses_records_of_the_same_weight_sources_across_machines(monkeypatch, tmp_path):
+def test_sweep_reuses_records_of_the_same_weight_sources_across_machines(prefill_calls, tmp_path):
     """The same committed files merge to weights a few ULPs apart on another CPU: with a weights
     key, those records are reused; without one, or with another key, they are redone."""
     model = tiny_llava(seed=2)
-    calls = []
-    original = LlavaReference.prefill
-    monkeypatch.setattr(LlavaReference, "prefill", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    calls = prefill_calls
     items = [_prompt_item("t1", seed, 2, lambda reply: 1.0, "1") for seed in (1, 2)]
     policies, budgets = ["full", "csp"], [1.0, 0.5]
     records = tmp_path / "records.jsonl"

@@ -117,8 +117,9 @@ def weights_source_key(locations: PackageLocations | None = None, projector_path
     versions, assembly, transformers) and the bytes of the committed projector and LoRA files.
 
     Unlike ``model_fingerprint`` it is the same on every machine: the LoRA merge's float32 matmul
-    rounds differently on different CPUs (their kernels sum in other orders), so the merged weights of the same files
-    differ by a few ULPs from one machine to the next. The sweep reuses records by this key.
+    rounds differently on different CPUs (their kernels sum in other orders), so the merged weights
+    of the same files differ by a few ULPs from one machine to the next. The sweep reuses records
+    by this key.
     """
     digest = hashlib.sha256(cache_key(locations or locate_packages()).encode())
     for path in (projector_path, lora_path):
