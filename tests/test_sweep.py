@@ -72,6 +72,15 @@ def test_sweep_prefills_once_per_prompt_and_fills_every_cell(prefill_calls):
     assert f"| csp | 1.000 (1.00) | 1.000 ({math.ceil(0.5 * length) / length:.2f}) |" in table
 
 
+def test_timing_note_gives_the_records_compute_time_beside_this_runs_wall_time():
+    """A run that only rewrites the tables from records takes ~0 s; the note still says what they cost."""
+    result = {"wall_seconds": 0.4, "sweep_seconds": 300.0, "prompts_per_task": {"t1": 8, "t2": 4}}
+    assert sweep.timing_note(result) == ("this run 0.4 s; its 12 prompts took 300 s in all (25.0 s a prompt), "
+                                         "summed over the records")
+    assert "0 prompts took 0 s in all (0.0 s a prompt)" in sweep.timing_note(
+        {"wall_seconds": 0.0, "sweep_seconds": 0.0, "prompts_per_task": {}})
+
+
 def test_paired_interval_of_full_minus_blanked():
     """1.96 standard errors of the mean per-prompt difference; none from a single prompt."""
     assert sweep.paired_ci95([1.0, 0.0, 1.0, 0.0]) == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2)

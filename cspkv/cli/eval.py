@@ -87,11 +87,11 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     result["skipped"] = errors
     (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     table = sweep.markdown_table(result, budget_list, policy_list)
-    (target / "eval.md").write_text(f"`{result['command']}` ({result['wall_seconds']} s)\n\n{table}")
+    (target / "eval.md").write_text(f"`{result['command']}` ({sweep.timing_note(result)})\n\n{table}")
     plots = sweep.plot(result, budget_list, target)
     click.echo(table)
     click.echo(f"wrote {target / 'eval.json'}, {target / 'eval.md'} and {len(plots)} plots "
-               f"({result['wall_seconds']} s)")
+               f"({sweep.timing_note(result)})")
 
 
 @main.command("score")

@@ -290,6 +290,15 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
     return result
 
 
+def timing_note(result: dict) -> str:
+    """This run's wall time and the compute time summed over every record it counts: a resumed run
+    that only rewrites the tables takes no time itself, yet its table stands on hours of prompts."""
+    prompts = sum(result["prompts_per_task"].values())
+    per_prompt = result["sweep_seconds"] / prompts if prompts else 0.0
+    return (f"this run {result['wall_seconds']} s; its {prompts} prompts took {result['sweep_seconds']:.0f} s "
+            f"in all ({per_prompt:.1f} s a prompt), summed over the records")
+
+
 def _plus_minus(half_width: float | None) -> str:
     return "" if half_width is None else f" ± {half_width:.3f}"
 
