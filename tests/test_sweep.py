@@ -135,31 +135,29 @@ def test_sweep_resumes_from_its_records_and_redoes_a_torn_line(prefill_calls, tm
     assert len(calls) == 2 * len(items)
 
 
-def test_sweep_reuses_records_of_the_same_weight_sources_across_machines(prefill_calls, tmp_path):
-    """The same committed files merge to weights a few ULPs apart on another CPU: with a weights
-    key, those records are reused; without one, or with another key, they are redone."""
+def test_sweep_reuses_records_of_the_same_weights_loaded_from_elsewhere(prefill_calls, tmp_path):
+    """Records made by a model fresh in memory are reused by the same weights read back from a
+    saved copy (another path, a config that now names it and its dtype); weights one ULP apart
+    are another model and every prompt is redone."""
+    from transformers import LlavaForConditionalGeneration
+
     model = tiny_llava(seed=2)
     calls = prefill_calls
     items = [_prompt_item("t1", seed, 2, lambda reply: 1.0, "1") for seed in (1, 2)]
     policies, budgets = ["full", "csp"], [1.0, 0.5]
     records = tmp_path / "records.jsonl"
-    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records,
-                    weights_key="k1")
-    assert all(r["weights"] == "k1" for r in sweep.read_records(records))
-    with torch.no_grad():                                  # "another machine": last-bit differences
-        model.lm_head.weight.copy_(torch.nextafter(model.lm_head.weight, torch.tensor(1.0)))
-    calls.clear()
-    result = sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2,
-                             records_path=records, weights_key="k1")
-    assert len(calls) == 0 and result["prompts_per_task"] == {"t1": 2}
     sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
-    assert len(calls) == 2 * len(items)                    # no key: the exact fingerprint decides
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    assert reloaded.config._name_or_path == str(tmp_path / "saved")
     calls.clear()
+    result = sweep.run_sweep(reloaded, DigitTokenizer(), items, policies, budgets, max_new_tokens=2,
+                             records_path=records)
+    assert len(calls) == 0 and result["prompts_per_task"] == {"t1": 2}
     with torch.no_grad():
-        model.lm_head.weight.copy_(torch.nextafter(model.lm_head.weight, torch.tensor(1.0)))
-    sweep.run_sweep(model, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records,
-                    weights_key="k2")
-    assert len(calls) == 2 * len(items)                    # neither key nor fingerprint matches
+        reloaded.lm_head.weight.copy_(torch.nextafter(reloaded.lm_head.weight, torch.tensor(1.0)))
+    sweep.run_sweep(reloaded, DigitTokenizer(), items, policies, budgets, max_new_tokens=2, records_path=records)
+    assert len(calls) == 2 * len(items)
 
 
 def test_easyvqa_items_key_their_records_by_prompt_text_and_images():

@@ -58,11 +58,6 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
             task_list = (sorted(p.name for p in Path(milebench).iterdir() if p.is_dir()) if tasks == "all"
                          else tasks.split(","))
         net, processor, model_id = load_model(model)
-        weights_key = None
-        if model_id == "default":  # records then resume on any machine (see weights_source_key)
-            from cspkv.models.default_model import weights_source_key
-
-            weights_key = weights_source_key()
         if processor is None:
             raise click.ClickException(f"--model {model} has no processor: evaluate a real model")
         if milebench is None:
@@ -81,7 +76,7 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     with click.progressbar(length=len(items), label="prompts", file=sys.stderr) as bar:
         result = sweep.run_sweep(net, processor, items, policy_list, budget_list, max_new_tokens,
                                  progress=lambda message: bar.update(1), records_path=records,
-                                 minutes=minutes, weights_key=weights_key)
+                                 minutes=minutes)
     result["model"] = model_id
     result["command"] = "csp-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["skipped"] = errors

@@ -235,7 +235,7 @@ def interleave(items: list[EvalItem]) -> list[EvalItem]:
 
 def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budgets: list[float],
               max_new_tokens: int = 8, progress: Callable[[str], None] = lambda message: None,
-              records_path=None, minutes: float | None = None, weights_key: str | None = None) -> dict:
+              records_path=None, minutes: float | None = None) -> dict:
     """Scores per task, policy and budget (plus kept fractions), and the two baselines.
 
     With ``records_path`` every prompt's record is appended to that JSON-lines file as soon as it
@@ -243,9 +243,8 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
     redone: an interrupted sweep resumes where it stopped. With ``minutes`` no new prompt is
     started after that much wall time; the result covers the prompts done (``prompts_per_task``).
 
-    A record is reused for the same weights: the same ``model_fingerprint``, or, where
-    ``weights_key`` is given (the default model's :func:`weights_source_key`), the same key. The
-    key lets a sweep resume on another machine, whose CPU rounds the LoRA merge differently.
+    A record is reused for the same weights (``model_fingerprint``, which ignores where the model
+    was loaded from) and the same ``max_new_tokens``.
     """
     import json
 
@@ -255,16 +254,10 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
     tokenizer = getattr(processor, "tokenizer", processor)
     pruning = {name: get_policy(name) for name in policies}
     setting = {"model": model_fingerprint(model), "max_new_tokens": max_new_tokens}
-    if weights_key is not None:
-        setting["weights"] = weights_key
     done: dict = {}
     if records_path is not None:
-        def same_weights(record):
-            return record.get("model") == setting["model"] or (
-                weights_key is not None and record.get("weights") == weights_key)
-
         def reusable(record):  # same weights and decoding, and every cell this sweep needs
-            return same_weights(record) and record.get("max_new_tokens") == max_new_tokens and all(
+            return all(record.get(k) == v for k, v in setting.items()) and all(
                 str(b) in record["cells"].get(name, {}) for name in policies for b in (budgets if name != FULL else [1.0]))
         keys = {(item.task, item.sample_id): item.prompt_key for item in items}
         done = {(r["task"], r["sample_id"]): r for r in read_records(records_path)

@@ -28,11 +28,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Config entries that say where a model was loaded from or how it was saved, not what it computes.
+# A model fresh in memory has ``_name_or_path`` '', no ``architectures`` and ``dtype`` None; the same
+# weights read back from a folder carry that folder's path, the saved class and "float32". The
+# parameters' own dtypes are hashed instead.
+_LOAD_ONLY_CONFIG_KEYS = frozenset({"_name_or_path", "architectures", "dtype", "torch_dtype"})
+
+
+def _without_load_only_keys(config: dict) -> dict:
+    return {key: _without_load_only_keys(value) if isinstance(value, dict) else value
+            for key, value in config.items() if key not in _LOAD_ONLY_CONFIG_KEYS}
+
+
 def model_fingerprint(model) -> str:
-    """A hash of the config and of every parameter's bytes: identifies the exact weights."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """A hash of the config and of every parameter's dtype and bytes: identifies the exact weights,
+    wherever they were loaded from."""
+    config = _without_load_only_keys(json.loads(model.config.to_json_string(use_diff=False)))
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
+        digest.update(f"{name}:{tensor.dtype}".encode())
         digest.update(tensor.detach().contiguous().float().numpy().tobytes())
     return digest.hexdigest()
 

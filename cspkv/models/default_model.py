@@ -111,23 +111,6 @@ def cache_key(locations: PackageLocations) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def weights_source_key(locations: PackageLocations | None = None, projector_path: Path = PROJECTOR_PATH,
-                       lora_path: Path = LORA_PATH) -> str:
-    """Names the default model's weights by their sources: the base model's cache key (package
-    versions, assembly, transformers) and the bytes of the committed projector and LoRA files.
-
-    Unlike ``model_fingerprint`` it is the same on every machine: the LoRA merge's float32 matmul
-    rounds differently on different CPUs (their kernels sum in other orders), so the merged weights
-    of the same files differ by a few ULPs from one machine to the next. The sweep reuses records
-    by this key.
-    """
-    digest = hashlib.sha256(cache_key(locations or locate_packages()).encode())
-    for path in (projector_path, lora_path):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes() if path.is_file() else b"absent")
-    return digest.hexdigest()[:16]
-
-
 def init_projector(projector: nn.Module, path: Path | None = PROJECTOR_PATH, seed: int = PROJECTOR_SEED) -> bool:
     """Load trained projector weights if ``path`` exists (None: never), else a seeded init. Returns True if trained."""
     if path is not None and path.is_file():
