@@ -81,12 +81,11 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     result["command"] = "csp-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["skipped"] = errors
     (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = sweep.markdown_table(result, budget_list, policy_list)
-    (target / "eval.md").write_text(f"`{result['command']}` ({sweep.timing_note(result)})\n\n{table}")
+    table, timing = sweep.markdown_table(result, budget_list, policy_list), sweep.timing_note(result)
+    (target / "eval.md").write_text(f"`{result['command']}` ({timing})\n\n{table}")
     plots = sweep.plot(result, budget_list, target)
     click.echo(table)
-    click.echo(f"wrote {target / 'eval.json'}, {target / 'eval.md'} and {len(plots)} plots "
-               f"({sweep.timing_note(result)})")
+    click.echo(f"wrote {target / 'eval.json'}, {target / 'eval.md'} and {len(plots)} plots ({timing})")
 
 
 @main.command("score")
