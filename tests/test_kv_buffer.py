@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cspkv.runtime.kv_buffer import (KVBuffer, KVBufferError, LibraryNotFoundError,
+from cspkv.runtime.kv_buffer import (KVBuffer, KVBufferError, LibraryNotFoundError, NonFiniteError,
                                      NoEvictableSlotError, load_library)
 from cspkv.runtime.slot_reference import RESCORE, RING, SlotTable, SlotTableError
 
@@ -207,13 +207,20 @@ def _bad_calls():
         "n_valid shape": (lambda b: b.load_prefill(np.zeros((L_, 2, H_, 1, D_), f32), pos, mod, [1, 1], 1),
                           ValueError, r"n_valid must have shape \(2, 2\)"),
         "n_valid > C": (lambda b: b.load_prefill(np.zeros((L_, 2, H_, 1, D_), f32), pos, mod, [[2, 1]] * 2, 1),
-                        KVBufferError, "invalid argument"),
+                        KVBufferError, r"n_valid\[0, 0\] = 2 is outside \[0, c = 1\]"),
         "C too large": (lambda b: b.load_prefill(np.zeros((L_, 2, H_, 5, D_), f32), np.zeros((L_, H_, 5), int),
                                                  np.zeros((L_, H_, 5), np.int8), [[0, 0]] * 2, 5),
-                        KVBufferError, r"more prompt entries than usable slots \(C=5, usable slots=4"),
+                        KVBufferError, r"more prompt entries than usable slots: c = 5 entries per head, but only 4 usable "
+                                       r"slots \(C=5, usable slots=4"),
         "prompt position": (lambda b: b.load_prefill(np.zeros((L_, 2, H_, 1, D_), f32), pos + 1, mod,
                                                      [[1, 1]] * 2, 1),
-                            KVBufferError, "invalid argument"),
+                            KVBufferError, r"positions\[0, 0, 0\] = 1 is outside \[0, prompt_len 1\)"),
+        "kv nan": (lambda b: b.load_prefill(np.full((L_, 2, H_, 1, D_), np.nan, f32), pos, mod, [[1, 1]] * 2, 1),
+                   NonFiniteError, "kv: non-finite value at layer 0, K, kv_head 0, entry 0, dim 0"),
+        "kv inf": (
+            lambda b: b.load_prefill(np.array([[[[[0, 0, 0]], [[0, 0, np.inf]]]] * 2] * 2, f32), pos, mod,
+                                     [[1, 1], [1, 1]], 1),
+            NonFiniteError, "kv: non-finite value at layer 0, K, kv_head 1, entry 0, dim 2"),
         "delta dtype": (lambda b: b.write_token(b.choose_write_slots(9), good_delta.astype(np.float16), 9),
                         TypeError, "kv_delta must have the buffer's dtype"),
         "delta shape": (lambda b: b.write_token(b.choose_write_slots(9), np.zeros((L_, 2, H_, D_), f32), 9),
@@ -230,11 +237,19 @@ def _bad_calls():
         "position negative": (lambda b: b.choose_write_slots(-1), ValueError, "position must be in"),
         "position float": (lambda b: b.choose_write_slots(1.5), TypeError, "position must be an integer"),
         "position duplicate": (lambda b: b.choose_write_slots(1), KVBufferError, "already held"),
-        "position < prompt_len": (lambda b: b.choose_write_slots(0), KVBufferError, "invalid argument"),
+        "position < prompt_len": (lambda b: b.choose_write_slots(0), KVBufferError,
+                                  "position 0 is inside the prompt"),
+        "delta nan": (lambda b: b.write_token(b.choose_write_slots(9), np.where(
+            np.arange(good_delta.size).reshape(good_delta.shape) == 13, np.float32(np.nan), good_delta), 9),
+                      NonFiniteError, r"non-finite value \(NaN or infinity\): kv_delta: non-finite value at layer 1, K, "
+                                     r"kv_head 0, dim 1 \(slots="),
+        "delta -inf fp": (lambda b: b.write_token(b.choose_write_slots(9), good_delta - np.inf, 9), ValueError,
+                          "non-finite value"),
         "modality": (lambda b: b.write_token(b.choose_write_slots(9), good_delta, 9, modality=300),
                      ValueError, "modality must be in"),
         "mass shape": (lambda b: b.accumulate(np.zeros((L_, H_, S_ + 1))), ValueError, "mass must have shape"),
-        "mass nan": (lambda b: b.accumulate(np.full((L_, H_, S_), np.nan)), KVBufferError, "invalid argument"),
+        "mass nan": (lambda b: b.accumulate(np.full((L_, H_, S_), np.nan)), NonFiniteError,
+                     r"mass\[0, 0, 0\] is non-finite \(nan\)"),
         "mass dtype": (lambda b: b.accumulate(np.zeros((L_, H_, S_), complex)), TypeError, "mass must be a real"),
     }
 

@@ -257,7 +257,7 @@ class DeviceKVBuffer(KVBuffer):
                 n_valid.size, prompt_len)
         finally:
             self._hook_state.skip_caller_copies = False
-        _check(self._lib, "cspkv_load_prefill", status, f"C={c}, usable slots={self.n_usable}")
+        _check(self._lib, "cspkv_load_prefill", status, f"C={c}, usable slots={self.n_usable}", self._ptr())
 
     @property
     def copies(self) -> int:
@@ -289,7 +289,7 @@ class DeviceKVBuffer(KVBuffer):
                                                  position, modality)
         finally:
             self._hook_state.skip_caller_copies = False
-        _check(self._lib, "cspkv_write_token", status, f"slots={slots.tolist()}, position={position}")
+        _check(self._lib, "cspkv_write_token", status, f"slots={slots.tolist()}, position={position}", self._ptr())
         self._pending = None
 
     def choose_write_slots(self, position: int) -> np.ndarray:

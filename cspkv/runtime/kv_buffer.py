@@ -37,9 +37,10 @@ _STATUS_NAMES = (
     "CSPKV_OK", "CSPKV_ERR_NULL_POINTER", "CSPKV_ERR_INVALID_ARGUMENT", "CSPKV_ERR_SIZE_MISMATCH",
     "CSPKV_ERR_SLOT_OUT_OF_RANGE", "CSPKV_ERR_CAPACITY", "CSPKV_ERR_BAD_STATE",
     "CSPKV_ERR_NO_EVICTABLE", "CSPKV_ERR_DUPLICATE_POSITION", "CSPKV_ERR_OUT_OF_MEMORY",
-    "CSPKV_ERR_COPY_FAILED", "CSPKV_ERR_ABI_MISMATCH",
+    "CSPKV_ERR_COPY_FAILED", "CSPKV_ERR_ABI_MISMATCH", "CSPKV_ERR_NON_FINITE",
 )
 _NO_EVICTABLE = _STATUS_NAMES.index("CSPKV_ERR_NO_EVICTABLE")
+_NON_FINITE = _STATUS_NAMES.index("CSPKV_ERR_NON_FINITE")
 _INT32 = np.iinfo(np.int32)
 _INT64 = np.iinfo(np.int64)
 
@@ -47,15 +48,21 @@ _INT64 = np.iinfo(np.int64)
 class KVBufferError(RuntimeError):
     """A libcspkv call failed; ``status`` is the C status code, ``status_name`` its enum name."""
 
-    def __init__(self, function: str, status: int, message: str):
+    def __init__(self, function: str, status: int, message: str, detail: str = ""):
         self.function = function
         self.status = status
+        self.detail = detail  # what the library found (cspkv_last_error), naming the argument
         self.status_name = _STATUS_NAMES[status] if 0 <= status < len(_STATUS_NAMES) else str(status)
         super().__init__(f"{function}: {message} [{self.status_name}]")
 
 
 class NoEvictableSlotError(KVBufferError, SlotTableError):
     """No free slot and nothing the policy may evict; also a SlotTableError, as in the reference."""
+
+
+class NonFiniteError(KVBufferError, ValueError):
+    """A NaN or infinity in K/V, a score or a mass: refused, the buffer unchanged. Also a
+    ValueError, as other bad values are."""
 
 
 class LibraryNotFoundError(ImportError):
@@ -94,6 +101,7 @@ class Allocator(ctypes.Structure):
 _SIGNATURES = {  # name: (restype, argtypes); arrays travel as raw addresses (c_void_p)
     "cspkv_abi_version": (_I, []),
     "cspkv_status_string": (ctypes.c_char_p, [_I]),
+    "cspkv_last_error": (ctypes.c_char_p, [_P]),
     "cspkv_create": (_I, [ctypes.POINTER(_Config), _P, ctypes.POINTER(_P)]),
     "cspkv_destroy": (None, [_P]),
     "cspkv_reset": (_I, [_P]),
@@ -148,14 +156,19 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     return lib
 
 
-def _check(lib: ctypes.CDLL, function: str, status: int, context: str = "") -> None:
+def _check(lib: ctypes.CDLL, function: str, status: int, context: str = "", buffer: int | None = None) -> None:
+    """Raises for a failed call: the status, then what the library found (``cspkv_last_error`` of
+    ``buffer``, naming the argument and value), then the caller's ``context``."""
     if status == 0:
         return
     message = lib.cspkv_status_string(status).decode()
+    detail = lib.cspkv_last_error(buffer).decode(errors="replace") if buffer else ""
+    if detail:
+        message += f": {detail}"
     if context:
         message += f" ({context})"
-    cls = NoEvictableSlotError if status == _NO_EVICTABLE else KVBufferError
-    raise cls(function, status, message)
+    cls = {_NO_EVICTABLE: NoEvictableSlotError, _NON_FINITE: NonFiniteError}.get(status, KVBufferError)
+    raise cls(function, status, message, detail)
 
 
 def _int(name: str, value, lo: int, hi: int) -> int:
@@ -289,7 +302,7 @@ class KVBuffer:
     # ---- slot table (SlotTable API) ----
 
     def reset(self) -> None:
-        _check(self._lib, "cspkv_reset", self._lib.cspkv_reset(self._ptr()))
+        _check(self._lib, "cspkv_reset", self._lib.cspkv_reset(self._ptr()), buffer=self._ptr())
 
     def load_prefill(self, kv, positions, modality, n_valid, prompt_len: int, scores=None) -> None:
         """Resets, then loads the pruned prompt into slots 0..n_valid[l, h]-1.
@@ -306,7 +319,7 @@ class KVBuffer:
             None if scores is None else scores.ctypes.data, positions.size, n_valid.ctypes.data,
             n_valid.size, prompt_len)
         _check(self._lib, "cspkv_load_prefill", status,
-               f"C={c}, usable slots={self.n_usable}, prompt_len={prompt_len}")
+               f"C={c}, usable slots={self.n_usable}, prompt_len={prompt_len}", self._ptr())
 
     def _prefill_tables(self, positions, modality, n_valid, scores, prompt_len):
         """Checked slot tables of a prefill: (C, positions, modality, n_valid, scores, prompt_len)."""
@@ -326,7 +339,7 @@ class KVBuffer:
         position = _int("position", position, 0, _INT64.max)
         slots = np.empty(self.shape[:2], dtype=np.int32)
         status = self._lib.cspkv_choose_write_slots(self._ptr(), position, slots.ctypes.data, slots.size)
-        _check(self._lib, "cspkv_choose_write_slots", status, f"position={position}")
+        _check(self._lib, "cspkv_choose_write_slots", status, f"position={position}", self._ptr())
         return slots
 
     def attention_bias(self, out: np.ndarray | None = None) -> np.ndarray:
@@ -353,13 +366,13 @@ class KVBuffer:
         status = self._lib.cspkv_write_token(self._ptr(), slots.ctypes.data, slots.size,
                                              kv_delta.ctypes.data, kv_delta.nbytes, position, modality)
         _check(self._lib, "cspkv_write_token", status,
-               f"slots={slots.tolist()}, position={position}, usable slots={self.n_usable}")
+               f"slots={slots.tolist()}, position={position}, usable slots={self.n_usable}", self._ptr())
 
     def accumulate(self, mass) -> None:
         """Adds the attention mass each valid slot received ([layers, kv_heads, slots])."""
         mass = _numbers("mass", mass, np.float32, self.shape)
         _check(self._lib, "cspkv_accumulate",
-               self._lib.cspkv_accumulate(self._ptr(), mass.ctypes.data, mass.size))
+               self._lib.cspkv_accumulate(self._ptr(), mass.ctypes.data, mass.size), buffer=self._ptr())
 
     def n_valid(self) -> np.ndarray:
         out = np.empty(self.shape[:2], dtype=np.int32)

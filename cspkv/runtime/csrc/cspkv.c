@@ -1,5 +1,7 @@
 /* Lifecycle, K/V memory and getters of a cspkv_buffer. The slot-table semantics are in slots.c. */
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,8 +29,39 @@ const char *cspkv_status_string(int status) {
     case CSPKV_ERR_OUT_OF_MEMORY: return "out of memory (or buffer size overflows)";
     case CSPKV_ERR_COPY_FAILED: return "the allocator's copy hook failed";
     case CSPKV_ERR_ABI_MISMATCH: return "config.abi_version does not match the library";
+    case CSPKV_ERR_NON_FINITE: return "non-finite value (NaN or infinity)";
     default: return "unknown status";
     }
+}
+
+const char *cspkv_last_error(const cspkv_buffer *b) { return b ? b->error : ""; }
+
+int cspkv_fail(cspkv_buffer *b, int status, const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(b->error, sizeof b->error, fmt, args); /* truncates, always terminated */
+    va_end(args);
+    return status;
+}
+
+size_t cspkv_first_non_finite(const void *values, size_t n, size_t elem) {
+    /* Bit tests rather than isfinite: fp16 has no C type, and fp32 is read through memcpy so
+     * that any alignment of the caller's array is fine. All exponent bits set = inf or NaN. */
+    const unsigned char *p = values;
+    if (elem == 4) {
+        for (size_t i = 0; i < n; i++) {
+            uint32_t bits;
+            memcpy(&bits, p + i * 4, 4);
+            if ((bits & 0x7f800000u) == 0x7f800000u) return i;
+        }
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            uint16_t bits;
+            memcpy(&bits, p + i * 2, 2);
+            if ((bits & 0x7c00u) == 0x7c00u) return i;
+        }
+    }
+    return n;
 }
 
 int cspkv_config_init(cspkv_config *cfg) {
@@ -164,6 +197,7 @@ int cspkv_create(const cspkv_config *cfg, const cspkv_allocator *allocator, cspk
     if (allocator) {
         b->mem = *allocator;
     } else {
+        b->host_kv = 1;
         b->mem.alloc = host_alloc;
         b->mem.free = host_free;
         b->mem.copy = host_copy;
@@ -230,9 +264,12 @@ int cspkv_zero_null_slot(cspkv_buffer *b) {
 
 int cspkv_reset(cspkv_buffer *b) {
     if (!b) return CSPKV_ERR_NULL_POINTER;
+    b->error[0] = '\0';
     cspkv_clear_metadata(b);
     /* Other slots keep stale (finite) K/V: they are free, so masked, and rewritten before use. */
-    return cspkv_zero_null_slot(b);
+    int st = cspkv_zero_null_slot(b);
+    if (st != CSPKV_OK) return cspkv_fail(b, st, "the copy hook failed zeroing the null slot");
+    return CSPKV_OK;
 }
 
 /* ---- getters ---- */

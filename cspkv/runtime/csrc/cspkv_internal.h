@@ -8,6 +8,7 @@
 struct cspkv_buffer {
     cspkv_config cfg;
     cspkv_allocator mem; /* the default host hooks when the caller gave none */
+    int host_kv;         /* no allocator given: K/V (the caller's and ours) are host memory */
 
     /* Sizes, computed once at create with overflow checks so that later index arithmetic in
      * size_t cannot overflow. */
@@ -37,6 +38,8 @@ struct cspkv_buffer {
     int32_t *chosen;     /* [layers, kv_heads]: choose computes here before committing */
     int64_t *sorted;     /* [slots]: prefill sorts one head's positions here to find duplicates */
     void *zero_head;     /* head_dim * elem host zeros, copied over the null slot */
+
+    char error[224];     /* cspkv_last_error: what the last failing mutating call found */
 };
 
 /* Byte offset of (layer, kv, head, slot) in the K/V memory. */
@@ -44,6 +47,17 @@ static inline size_t cspkv_kv_offset(const cspkv_buffer *b, size_t l, size_t kv,
     size_t row = (l * 2 + kv) * (size_t)b->cfg.n_kv_heads + h;
     return row * b->row_bytes + s * (size_t)b->cfg.head_dim * b->elem;
 }
+
+/* Records the detail of a failure (printf-style) in b->error and returns status. */
+int cspkv_fail(cspkv_buffer *b, int status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* Index of the first non-finite value among n K/V values of `elem` bytes (fp32 or fp16 bit
+ * patterns), or n if all are finite. */
+size_t cspkv_first_non_finite(const void *values, size_t n, size_t elem);
 
 /* Copies into the K/V memory through the allocator's hook; 0 on success. */
 int cspkv_copy_in(cspkv_buffer *b, size_t dst_offset, const void *src, size_t nbytes, int kind);

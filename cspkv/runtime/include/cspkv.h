@@ -49,7 +49,8 @@ typedef enum cspkv_status {
     CSPKV_ERR_DUPLICATE_POSITION = 8, /* a position would be held twice in one (layer, head) */
     CSPKV_ERR_OUT_OF_MEMORY = 9,      /* allocation failed, or the buffer size overflows size_t */
     CSPKV_ERR_COPY_FAILED = 10,       /* the allocator's copy hook reported an error */
-    CSPKV_ERR_ABI_MISMATCH = 11       /* config.abi_version != the library's ABI version */
+    CSPKV_ERR_ABI_MISMATCH = 11,      /* config.abi_version != the library's ABI version */
+    CSPKV_ERR_NON_FINITE = 12         /* a K/V value, score or mass is NaN or infinite */
 } cspkv_status;
 
 typedef enum cspkv_dtype { CSPKV_DTYPE_F32 = 0, CSPKV_DTYPE_F16 = 1 } cspkv_dtype;
@@ -109,6 +110,12 @@ CSPKV_API int cspkv_create(const cspkv_config *cfg, const cspkv_allocator *alloc
                            cspkv_buffer **out);
 CSPKV_API void cspkv_destroy(cspkv_buffer *buf); /* NULL is a no-op */
 
+/* What the last failing mutating call on `buf` (reset, load_prefill, choose_write_slots,
+ * write_token, accumulate) found, naming the argument and the value, e.g.
+ * "kv_delta: non-finite value (nan) at layer 2, V, kv_head 1, dim 17"; "" once such a call
+ * succeeds, and for NULL. Owned by the buffer, valid until its next mutating call. */
+CSPKV_API const char *cspkv_last_error(const cspkv_buffer *buf);
+
 /* Frees every slot, sets prompt_len to 0, cancels a pending choice, re-zeroes the null slot's K/V.
  * CSPKV_ERR_COPY_FAILED leaves the metadata reset. */
 CSPKV_API int cspkv_reset(cspkv_buffer *buf);
@@ -120,7 +127,9 @@ CSPKV_API int cspkv_reset(cspkv_buffer *buf);
  *              all n_entries = layers * kv_heads * c long
  *   n_valid:   int32 [layers, kv_heads], each in [0, c]; entries at or past it are ignored
  * Checks: 0 <= c <= usable slots (else CAPACITY); prompt_len >= 0; each loaded entry has
- * 0 <= position < prompt_len, positions distinct per (layer, head), modality >= 0, finite score.
+ * 0 <= position < prompt_len, positions distinct per (layer, head), modality >= 0, a finite score
+ * and finite K/V (NON_FINITE; K/V are checked only in host memory, i.e. without an allocator,
+ * since the library never reads hook-allocated memory: such callers check their own values).
  * kv/positions/modality may be NULL when c == 0. CSPKV_ERR_COPY_FAILED leaves the buffer reset.
  */
 CSPKV_API int cspkv_load_prefill(cspkv_buffer *buf, int64_t c, const void *kv, size_t kv_nbytes,
@@ -146,7 +155,8 @@ CSPKV_API int cspkv_attention_bias(const cspkv_buffer *buf, float *bias_out, siz
  *   slots:    int32 [layers, kv_heads], must equal the pending cspkv_choose_write_slots result,
  *             and position must equal its position (else BAD_STATE)
  *   kv_delta: [layers, 2, 1, kv_heads, 1, head_dim] in the buffer's dtype (an ONNX decode graph's
- *             present-K/V delta), kv_nbytes bytes
+ *             present-K/V delta), kv_nbytes bytes; every value finite (NON_FINITE; checked in
+ *             host memory only, as load_prefill)
  * On COPY_FAILED nothing is committed and the choice stays pending, so the call can be retried.
  */
 CSPKV_API int cspkv_write_token(cspkv_buffer *buf, const int32_t *slots, size_t n_slots,
@@ -155,7 +165,7 @@ CSPKV_API int cspkv_write_token(cspkv_buffer *buf, const int32_t *slots, size_t 
 
 /* Adds mass[l,h,s] to the score of every valid slot (entries of free slots are ignored).
  * mass: float [layers, kv_heads, slots]. Rejects a non-finite mass, or one that would make a
- * score non-finite, for a valid slot (INVALID_ARGUMENT, nothing added). */
+ * score non-finite, for a valid slot (NON_FINITE, nothing added). */
 CSPKV_API int cspkv_accumulate(cspkv_buffer *buf, const float *mass, size_t n_mass);
 
 /* Copy-out getters; arrays are [layers, kv_heads, slots] unless noted. Free slots read

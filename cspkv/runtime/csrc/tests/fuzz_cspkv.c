@@ -43,6 +43,9 @@ static void fail(int line, const char *what) {
 
 #include "kv_pattern.h"
 
+/* NaN, +inf and -inf both as fp32 and in their low 16 bits as fp16. */
+static const uint32_t NON_FINITE[3] = {0x7fc07e00u, 0x7f807c00u, 0xff80fc00u};
+
 /* A fake device allocator that refuses copies landing outside its allocation. */
 typedef struct { void *ptr; size_t n; } fake_dev;
 static void *dev_alloc(void *u, size_t n) { fake_dev *d = u; d->n = n; return d->ptr = malloc(n); }
@@ -65,6 +68,7 @@ typedef struct {
     size_t elem, n_lh, n_meta;
     int64_t next_pos;      /* next fresh decode position */
     int pending;           /* a choice is waiting for its write */
+    int host;              /* no allocator: the library checks K/V for NaN and infinity */
     int64_t pending_pos;
     int32_t pending_slots[MAXLH];
     meta before;           /* state before the current operation */
@@ -201,6 +205,17 @@ static void op_write(ctx *x) {
                 for (int d = 0; d < x->D; d++)
                     put(delta, (((size_t)l * 2 + k) * x->H + h) * x->D + d, tag(l, k, h, x->pending_pos, d), x->elem);
     int modality = rnd(3);
+    if (x->host && rnd(10) == 0) { /* one NaN or infinity: refused, nothing changes, the choice stays pending */
+        x->before = read_meta(x); /* a decode step ran its choose since the op began */
+        size_t at = (size_t)rnd((int)(2 * x->n_lh * (size_t)x->D));
+        put(delta, at, NON_FINITE[rnd(3)], x->elem);
+        REQUIRE(cspkv_write_token(x->b, x->pending_slots, x->n_lh, delta, 2 * x->n_lh * x->D * x->elem,
+                                  x->pending_pos, modality) == CSPKV_ERR_NON_FINITE);
+        meta now = read_meta(x);
+        REQUIRE(same_meta(&now, &x->before));
+        n_error_calls++;
+        return;
+    }
     REQUIRE(cspkv_write_token(x->b, x->pending_slots, x->n_lh, delta, 2 * x->n_lh * x->D * x->elem,
                               x->pending_pos, modality) == CSPKV_OK);
     n_ok_calls++;
@@ -239,11 +254,18 @@ static void op_prefill(ctx *x, int make_duplicate) {
                 for (int i = 0; i < c; i++)
                     for (int d = 0; d < x->D; d++) {
                         size_t lh = (size_t)l * x->H + h;
-                        /* Entries past n_valid are padding: junk that must not be loaded. */
-                        uint32_t v = i < n_valid[lh] ? tag(l, k, h, pos[lh * c + i], d) : 0xdeadbeefu;
+                        /* Entries past n_valid are padding: junk (even NaN) that must not be loaded. */
+                        uint32_t v = i < n_valid[lh] ? tag(l, k, h, pos[lh * c + i], d) : NON_FINITE[(i + d) % 3];
                         put(kv, ((((size_t)l * 2 + k) * x->H + h) * c + i) * x->D + d, v, x->elem);
                     }
     int want = CSPKV_OK;
+    size_t poison_lh = (size_t)rnd((int)x->n_lh);
+    if (x->host && !make_duplicate && n_valid[poison_lh] > 0 && rnd(10) == 0) { /* a NaN/inf in a loaded entry */
+        int l = (int)(poison_lh / (size_t)x->H), h = (int)(poison_lh % (size_t)x->H), k = rnd(2);
+        int i = rnd(n_valid[poison_lh]), d = rnd(x->D);
+        put(kv, ((((size_t)l * 2 + k) * x->H + h) * c + i) * x->D + d, NON_FINITE[rnd(3)], x->elem);
+        want = CSPKV_ERR_NON_FINITE;
+    }
     if (make_duplicate) {
         size_t lh = (size_t)rnd((int)x->n_lh);
         if (n_valid[lh] < 2) return;
@@ -285,7 +307,7 @@ static void op_accumulate(ctx *x) {
     int st = cspkv_accumulate(x->b, mass, x->n_meta);
     meta now = read_meta(x);
     if (poisoned < x->n_meta && x->before.v[poisoned]) { /* only valid slots' mass is looked at */
-        REQUIRE(st == CSPKV_ERR_INVALID_ARGUMENT && same_meta(&now, &x->before));
+        REQUIRE(st == CSPKV_ERR_NON_FINITE && same_meta(&now, &x->before));
         n_error_calls++;
         return;
     }
@@ -385,7 +407,8 @@ static void run_episode(long n_ops) {
     x.n_meta = x.n_lh * x.S;
     fake_dev dev = {0};
     cspkv_allocator hooks = {dev_alloc, dev_free, dev_copy, &dev};
-    REQUIRE(cspkv_create(&x.c, rnd(4) == 0 ? &hooks : NULL, &x.b) == CSPKV_OK);
+    x.host = rnd(4) != 0;
+    REQUIRE(cspkv_create(&x.c, x.host ? NULL : &hooks, &x.b) == CSPKV_OK);
     check_invariants(&x);
     for (long i = 0; i < n_ops; i++, op_index++) {
         x.before = read_meta(&x);

@@ -12,7 +12,9 @@ static uint32_t tag(int l, int k, int h, int64_t pos, int d) {
     x ^= x >> 33;
     x *= 0xff51afd7ed558ccdULL;
     x ^= x >> 33;
-    return (uint32_t)x | 1u; /* never all-zero, so it differs from a cleared slot */
+    /* never all-zero, so it differs from a cleared slot; bit 30 (fp32) and bit 14 (fp16) clear, so
+     * the exponent is never all ones: a finite value, which the library requires of K/V */
+    return ((uint32_t)x | 1u) & ~0x40004000u;
 }
 
 static void put(void *base, size_t i, uint32_t v, size_t elem) {

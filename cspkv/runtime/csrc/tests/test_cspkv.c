@@ -176,10 +176,10 @@ static int same(snap a, snap b) { return memcmp(&a, &b, sizeof a) == 0; }
 
 static void test_abi_and_strings(void) {
     CHECK(cspkv_abi_version() == CSPKV_ABI_VERSION);
-    for (int s = CSPKV_OK; s <= CSPKV_ERR_ABI_MISMATCH; s++)
+    for (int s = CSPKV_OK; s <= CSPKV_ERR_NON_FINITE; s++)
         CHECK(strcmp(cspkv_status_string(s), "unknown status") != 0);
     CHECK(strcmp(cspkv_status_string(-1), "unknown status") == 0);
-    CHECK(strcmp(cspkv_status_string(CSPKV_ERR_ABI_MISMATCH + 1), "unknown status") == 0);
+    CHECK(strcmp(cspkv_status_string(CSPKV_ERR_NON_FINITE + 1), "unknown status") == 0);
     CHECK_ST(cspkv_config_init(NULL), CSPKV_ERR_NULL_POINTER);
 }
 
@@ -449,7 +449,8 @@ static void test_validation(void) {
     mod[3] = 0;
     scores[2] = NAN;
     CHECK_ST(cspkv_load_prefill(b, 2, kv, sizeof kv, pos, mod, scores, 4, nv, 2, 2),
-             CSPKV_ERR_INVALID_ARGUMENT);
+             CSPKV_ERR_NON_FINITE);
+    CHECK(strcmp(cspkv_last_error(b), "scores[0, 1, 0] is non-finite (nan)") == 0);
     CHECK_ST(cspkv_load_prefill(b, 2, kv, sizeof kv - 4, pos, mod, NULL, 4, nv, 2, 2),
              CSPKV_ERR_SIZE_MISMATCH);
     CHECK_ST(cspkv_load_prefill(b, 2, kv, sizeof kv, pos, mod, NULL, 3, nv, 2, 2),
@@ -511,10 +512,13 @@ static void test_validation(void) {
     snap acc = take(b);
     CHECK(acc.s[0] == 1.f && acc.s[1] == 2.f && acc.s[2] == 0.f && acc.s[4] == 3.f && acc.s[5] == 4.f);
     mass[0] = NAN;
-    CHECK_ST(cspkv_accumulate(b, mass, 8), CSPKV_ERR_INVALID_ARGUMENT);
+    CHECK_ST(cspkv_accumulate(b, mass, 8), CSPKV_ERR_NON_FINITE);
+    CHECK(strcmp(cspkv_last_error(b), "mass[0, 0, 0] is non-finite (nan)") == 0);
     mass[0] = 3e38f; /* 1 + 3e38 is finite, but adding it twice overflows to +inf */
     CHECK_ST(cspkv_accumulate(b, mass, 8), CSPKV_OK);
-    CHECK_ST(cspkv_accumulate(b, mass, 8), CSPKV_ERR_INVALID_ARGUMENT);
+    CHECK(strcmp(cspkv_last_error(b), "") == 0); /* a success clears the detail */
+    CHECK_ST(cspkv_accumulate(b, mass, 8), CSPKV_ERR_NON_FINITE);
+    CHECK(strstr(cspkv_last_error(b), "mass[0, 0, 0] = 3e+38 would make that slot's score overflow") != NULL);
     CHECK(take(b).s[4] == 6.f); /* the refused call added nothing */
     CHECK_ST(cspkv_accumulate(b, mass, 7), CSPKV_ERR_SIZE_MISMATCH);
     CHECK_ST(cspkv_accumulate(b, NULL, 8), CSPKV_ERR_NULL_POINTER);
@@ -589,6 +593,11 @@ static void test_allocator_hooks(void) {
     d.fail_copy_after = -1;
     CHECK_ST(cspkv_write_token(b, slots, 4, delta, sizeof delta, 1, 0), CSPKV_OK);
     CHECK(kv_matches_positions(b) && null_slot_is_zero(b));
+    /* Hook-allocated K/V may live on a device: the library never reads them, so a NaN passes. */
+    CHECK_ST(cspkv_choose_write_slots(b, 2, slots, 4), CSPKV_OK);
+    make_delta(delta, 2, 2, 4, 2, 2);
+    delta[5] = 0x7e00u;
+    CHECK_ST(cspkv_write_token(b, slots, 4, delta, sizeof delta, 2, 0), CSPKV_OK);
     /* A failing prefill copy leaves the buffer reset. */
     int64_t pos[8] = {0, 1, 0, 1, 0, 1, 0, 1};
     int32_t nv[4] = {2, 2, 2, 2};
@@ -617,6 +626,54 @@ static void test_allocator_hooks(void) {
     CHECK_ST(cspkv_create(&c, &missing, &b), CSPKV_ERR_NULL_POINTER);
 }
 
+/* Non-finite K/V are refused by load_prefill and write_token (fp32 and fp16 alike), naming where;
+ * nothing changes. With an allocator the library never reads K/V, so it cannot check them. */
+static void test_non_finite_kv(void) {
+    const uint32_t bad32[3] = {0x7fc00000u /* nan */, 0x7f800000u /* +inf */, 0xff800000u /* -inf */};
+    const uint16_t bad16[3] = {0x7e00u, 0x7c00u, 0xfc00u};
+    for (int dtype = CSPKV_DTYPE_F32; dtype <= CSPKV_DTYPE_F16; dtype++) {
+        size_t elem = dtype == CSPKV_DTYPE_F16 ? 2 : 4;
+        cspkv_buffer *b = make(config(2, 2, 4, 3, dtype, CSPKV_POLICY_RING, 0, 0, 0, 0.f));
+        int32_t nv[4] = {2, 2, 2, 1}, slots[4];
+        int8_t mod[8] = {0};
+        int64_t pos8[8] = {0, 1, 1, 0, 0, 1, 1, 0};
+        unsigned char kv[2 * 2 * 2 * 2 * 3 * 4] = {0}; /* [L 2, 2, H 2, C 2, D 3] zeros: finite */
+        size_t kv_nbytes = 2 * 2 * 2 * 2 * 3 * elem;
+        CHECK_ST(cspkv_load_prefill(b, 2, kv, kv_nbytes, pos8, mod, NULL, 8, nv, 4, 2), CSPKV_OK);
+        snap before = take(b);
+        for (int v = 0; v < 3; v++) {
+            /* layer 1, V, head 0, entry 1, dim 2: element ((1*2+1)*2+0)*2*3 + 1*3 + 2 */
+            size_t at = ((1 * 2 + 1) * 2 + 0) * 2 * 3 + 1 * 3 + 2;
+            if (elem == 4) memcpy(kv + at * 4, &bad32[v], 4); else memcpy(kv + at * 2, &bad16[v], 2);
+            CHECK_ST(cspkv_load_prefill(b, 2, kv, kv_nbytes, pos8, mod, NULL, 8, nv, 4, 2),
+                     CSPKV_ERR_NON_FINITE);
+            CHECK(strcmp(cspkv_last_error(b), "kv: non-finite value at layer 1, V, kv_head 0, entry 1, dim 2") == 0);
+            CHECK(same(before, take(b)));
+            memset(kv + at * elem, 0, elem);
+        }
+        /* an entry past n_valid (layer 1, head 1 keeps one entry) is ignored, whatever it holds */
+        size_t ignored = ((1 * 2 + 0) * 2 + 1) * 2 * 3 + 1 * 3 + 0;
+        memcpy(kv + ignored * elem, elem == 4 ? (const void *)&bad32[0] : (const void *)&bad16[0], elem);
+        CHECK_ST(cspkv_load_prefill(b, 2, kv, kv_nbytes, pos8, mod, NULL, 8, nv, 4, 2), CSPKV_OK);
+
+        unsigned char delta[2 * 2 * 2 * 3 * 4] = {0}; /* [L 2, 2, 1, H 2, 1, D 3] */
+        size_t delta_nbytes = 2 * 2 * 2 * 3 * elem;
+        CHECK_ST(cspkv_choose_write_slots(b, 2, slots, 4), CSPKV_OK);
+        snap chosen = take(b);
+        size_t at = ((0 * 2 + 1) * 2 + 1) * 3 + 1; /* layer 0, V, head 1, dim 1 */
+        memcpy(delta + at * elem, elem == 4 ? (const void *)&bad32[1] : (const void *)&bad16[1], elem);
+        CHECK_ST(cspkv_write_token(b, slots, 4, delta, delta_nbytes, 2, 0), CSPKV_ERR_NON_FINITE);
+        CHECK(strcmp(cspkv_last_error(b), "kv_delta: non-finite value at layer 0, V, kv_head 1, dim 1") == 0);
+        CHECK(same(chosen, take(b))); /* the choice stays pending: a finite retry succeeds */
+        memset(delta + at * elem, 0, elem);
+        CHECK_ST(cspkv_write_token(b, slots, 4, delta, delta_nbytes, 2, 0), CSPKV_OK);
+        CHECK(strcmp(cspkv_last_error(b), "") == 0);
+        cspkv_destroy(b);
+    }
+    CHECK(strcmp(cspkv_last_error(NULL), "") == 0);
+    CHECK(strcmp(cspkv_status_string(CSPKV_ERR_NON_FINITE), "non-finite value (NaN or infinity)") == 0);
+}
+
 int main(void) {
     test_abi_and_strings();
     test_config_errors();
@@ -627,6 +684,7 @@ int main(void) {
     test_layouts();
     test_validation();
     test_allocator_hooks();
+    test_non_finite_kv();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }
