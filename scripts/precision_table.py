@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cspkv.durable import write_atomic
+
 PRECISIONS = ("fp32", "fp16", "int8-u8s8", "int8-s8s8")
 
 
@@ -38,7 +40,8 @@ def log(message: str) -> None:
 
 def fp32_export(model_name, budget, args, work: Path) -> Path:
     from cspkv.export.exporter import ExportPlan, export_model
-    from cspkv.export.manifest import ManifestError, model_fingerprint, read_manifest
+    from cspkv.export.manifest import model_fingerprint
+    from cspkv.runtime.manifest import ManifestError, read_manifest
     from cspkv.models.registry import load_model
 
     folder = work / f"budget-{budget}-fp32"
@@ -90,7 +93,7 @@ def attention_quantized(manifest: dict) -> bool:
 def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | None = None,
               fp32_graphs: list[str] | None = None) -> Path:
     from cspkv.engines.precision import INT8_FLAVOUR_FP32_TYPES, INT8_FP32_GRAPHS, convert_export
-    from cspkv.export.manifest import ManifestError, read_manifest
+    from cspkv.runtime.manifest import ManifestError, read_manifest
 
     if precision == "fp32":
         return fp32
@@ -130,7 +133,7 @@ def benchmark_prompts(model_name: str, args, fp32: Path):
         return prompts, None
     from cspkv.evaluation import easyvqa_tasks as tasks
     from cspkv.export.exporter import load_processor
-    from cspkv.export.manifest import read_manifest
+    from cspkv.runtime.manifest import read_manifest
 
     processor = load_processor(fp32, read_manifest(fp32, verify_hashes=False))
     prompts = []
@@ -150,7 +153,7 @@ def benchmark_prompts(model_name: str, args, fp32: Path):
 
 def run_rows(folder: Path, prompts, processor, args) -> dict:
     from cspkv.evaluation import easyvqa_tasks as tasks
-    from cspkv.export.manifest import read_manifest
+    from cspkv.runtime.manifest import read_manifest
     from cspkv.runtime.pipeline import OnnxPipeline
     from cspkv.engines.onnx_runtime import OrtEngine
 
@@ -348,7 +351,7 @@ def main(argv=None) -> int:
                              "int8_fp32_graphs": "package default" if args.int8_fp32_graphs is None else args.int8_fp32_graphs},
                 "rows": rows, "seconds": round(time.perf_counter() - started, 1) + previous.get("seconds", 0)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(payload, indent=1) + "\n")
+            write_atomic(args.out, json.dumps(payload, indent=1) + "\n")   # a kill leaves the last table
     print_tables(rows)
     print(f"\n{len(prompts)} prompts ({args.n_per_task} per task, <= {args.max_prompt} tokens); JSON: {args.out}")
     return 0

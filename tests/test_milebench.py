@@ -1,6 +1,7 @@
 """MileBench loader and scorer: golden eval.json figures, the official layout, bad input, the CLI."""
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -132,9 +133,25 @@ def test_needle_requires_whole_word():
     assert score_predictions("MMCoQA", preds) == {"Accuracy": 1.0}
 
 
-def test_open_ended_needs_a_question_type():
-    preds = [{"sample_id": 0, "gt_response": "x", "pred_response": "x"}]
-    with pytest.raises(ValueError, match="open-ended or multi-choice"):
+def test_milebench_tasks_are_known_and_others_need_their_annotation():
+    preds = [{"sample_id": 0, "gt_response": "x y", "pred_response": "x y"}]
+    assert score_predictions("ALFRED", preds)["Rouge-L f"] == pytest.approx(1.0)    # open-ended, known
+    with pytest.raises(ValueError, match="unknown MileBench task 'ALFERD'; MileBench's tasks are ActionLocalization"):
+        score_predictions("ALFERD", preds, question_type="open-ended")
+    with pytest.raises(ValueError, match="--question-type 'multi-choice' contradicts MileBench's ALFRED, which is "
+                                         "open-ended"):
+        score_predictions("ALFRED", preds, question_type="multi-choice")
+    own = {"meta_data": {}, "data": [{"sample_id": 0, "task_instance": {"images_path": ["a.png"]}}]}
+    with pytest.raises(ValueError, match="declares no question_type"):
+        score_predictions("MyTask", preds, own)
+    assert score_predictions("MyTask", preds, own, question_type="open-ended")["Rouge-L f"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reply,shown", [(None, "null"), (123, "123"), (["a"], '["a"]')])
+def test_replies_that_are_not_strings_are_refused_by_entry(reply, shown):
+    preds = [{"sample_id": 0, "gt_response": "x", "pred_response": "x"},
+             {"sample_id": 7, "gt_response": "x", "pred_response": reply}]
+    with pytest.raises(ValueError, match=rf"entry 1 \(sample_id 7\): pred_response is {re.escape(shown)}, not a string"):
         score_predictions("ALFRED", preds)
 
 
@@ -296,5 +313,9 @@ def test_cli_errors_say_what_to_do(tmp_path):
     result = _run("--task", "ToyVQA", "--pred", str(pred), "--annotation", str(bad))
     assert result.exit_code == 1 and "ToyVQA.json: malformed JSON" in result.output
 
-    result = _run("--task", "ALFRED", "--pred", str(pred))
-    assert result.exit_code == 1 and "--question-type open-ended" in result.output
+    result = _run("--task", "ALFERD", "--pred", str(pred), "--question-type", "open-ended")
+    assert result.exit_code == 2 and "--task 'ALFERD' is not a MileBench task (ActionLocalization" in result.output
+    null = tmp_path / "null.json"
+    null.write_text(json.dumps([{"sample_id": 3, "gt_response": "x", "pred_response": None}]))
+    result = _run("--task", "ALFRED", "--pred", str(null))
+    assert result.exit_code == 1 and "entry 0 (sample_id 3): pred_response is null, not a string" in result.output

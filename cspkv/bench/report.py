@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cspkv.durable import write_atomic
+
 MIB = 2**20
 
 
@@ -84,8 +86,8 @@ def plots(result: dict, out: Path) -> list[Path]:
 def write(result: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "bench.json", "markdown": out / "bench.md"}
-    files["json"].write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    files["markdown"].write_text(markdown(result))
+    write_atomic(files["json"], json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_atomic(files["markdown"], markdown(result))
     for path in plots(result, out):
         files[path.stem] = path
     return files

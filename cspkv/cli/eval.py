@@ -30,6 +30,7 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     import sys
     from pathlib import Path
 
+    from cspkv.durable import write_atomic
     from cspkv.evaluation import sweep
     from cspkv.heap import keep_freed_heap
     from cspkv.models.registry import ModelNotFound, load_model
@@ -80,9 +81,9 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     result["model"] = model_id
     result["command"] = "csp-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["skipped"] = errors
-    (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(target / "eval.json", json.dumps(result, indent=2) + "\n")
     table, timing = sweep.markdown_table(result, budget_list, policy_list), sweep.timing_note(result)
-    (target / "eval.md").write_text(f"`{result['command']}` ({timing})\n\n{table}")
+    write_atomic(target / "eval.md", f"`{result['command']}` ({timing})\n\n{table}")
     plots = sweep.plot(result, budget_list, target)
     click.echo(table)
     click.echo(f"wrote {target / 'eval.json'}, {target / 'eval.md'} and {len(plots)} plots ({timing})")
@@ -96,14 +97,17 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
               help="The task's MileBench JSON (e.g. MileBench/ALFRED/ALFRED.json): supplies choice_list and "
                    "the image-quantity levels. Not needed for a pred_with_extracted.json.")
 @click.option("--question-type", type=click.Choice(["open-ended", "multi-choice"]), default=None,
-              help="Only needed without --annotation, for a task whose predictions carry no choice_list.")
+              help="Only for a task of your own whose annotation declares none; MileBench's tasks are known.")
 def score(task_name, pred_path, annotation_path, question_type):
     """Score MileBench predictions exactly like MileBench's evaluate.py; prints eval.json as one JSON line."""
     import json
 
     # Imported here so the sweep's start-up does not pay for the scorer.
-    from cspkv.evaluation.milebench import MileBenchFormatError, load_annotation, score_predictions
+    from cspkv.evaluation.milebench import MILEBENCH_TASKS, MileBenchFormatError, load_annotation, score_predictions
 
+    if task_name not in MILEBENCH_TASKS and annotation_path is None:
+        raise click.UsageError(f"--task {task_name!r} is not a MileBench task ({', '.join(sorted(MILEBENCH_TASKS, key=str.lower))}); "
+                               "for a task of your own, pass its annotation JSON with --annotation")
     try:
         with open(pred_path, encoding="utf-8") as fh:
             predictions = json.load(fh)
@@ -119,12 +123,12 @@ def score(task_name, pred_path, annotation_path, question_type):
 
     try:
         result = score_predictions(task_name, predictions, annotation, question_type=question_type)
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
+        raise click.ClickException(f"cannot score {pred_path}: {exc}") from None
+    except (KeyError, TypeError) as exc:   # an annotation or prediction missing a field MileBench has
         raise click.ClickException(
-            f"cannot score {pred_path}: {exc}. Check that --pred and --annotation belong to task {task_name}; "
-            "without --annotation, multi-choice predictions must carry choice_list and open-ended ones need "
-            "--question-type open-ended."
-        )
+            f"cannot score {pred_path}: {type(exc).__name__} {exc}: check that --pred and --annotation are MileBench "
+            f"files of task {task_name}; without --annotation, multi-choice predictions must carry choice_list") from None
     if "image_quantity_level-Accuracy" not in result:
         click.echo("note: no image-quantity levels known; pass --annotation for the per-level breakdown.", err=True)
     click.echo(json.dumps(result))

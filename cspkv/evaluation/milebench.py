@@ -43,6 +43,19 @@ __all__ = [
 IMAGE_TOKEN = "<ImageHere>"  # what MileBench substitutes for {image#k} / {table#k}
 LEVELS = ("Few", "Medium", "Many")
 QUESTION_TYPES = ("open-ended", "multi-choice")
+# MileBench's 29 tasks and how its evaluate.py scores each: the needle tasks and MMCoQA by name
+# ("needle"), the rest by their annotation's question_type (ROUGE-L for open-ended, accuracy for
+# multi-choice). Its score.py lists the names; the LOOK-M paper's copy of MileBench's taxonomy table
+# gives each one's metric.
+MILEBENCH_TASKS = {
+    **dict.fromkeys(("ALFRED", "CLEVR-Change", "IEdit", "Spot-the-Diff"), "open-ended"),
+    **dict.fromkeys(("ActionLocalization", "ActionPrediction", "ActionSequence", "CharacterOrder",
+                     "CounterfactualInference", "DocVQA", "EgocentricNavigation", "GPR1200", "MovingAttribute",
+                     "MovingDirection", "MultiModalQA", "OCR-VQA", "ObjectExistence", "ObjectInteraction",
+                     "ObjectShuffle", "SceneTransition", "SlideVQA", "StateChange", "TQA", "WebQA", "WikiVQA",
+                     "nuscenes"), "multi-choice"),
+    **dict.fromkeys(("ImageNeedleInAHaystack", "MMCoQA", "TextNeedleInAHaystack"), "needle"),
+}
 _PLACEHOLDER = re.compile(r"\{(?:image|table)#(\d+)\}")
 
 
@@ -326,7 +339,13 @@ def _levels(preds: list[dict]) -> list[str] | None:
     return levels
 
 
-def _per_sample_scores(kind: str, task_name: str, preds: list[dict]) -> list[float]:
+def scoring_kind(task_name: str, question_type: str) -> str:
+    """How MileBench scores a task whose question type is known: by name first (needle), then by type."""
+    return "needle" if "NeedleInAHaystack" in task_name or "MMCoQA" in task_name else question_type
+
+
+def sample_scores(kind: str, task_name: str, preds: list[dict]) -> list[float]:
+    """Each prediction's score under ``kind`` ("needle", "open-ended" or "multi-choice")."""
     scores: list[float] = []
     for p in preds:
         gt, pred = normalize(str(p["gt_response"])), normalize(str(p["pred_response"]))
@@ -354,20 +373,30 @@ def _per_sample_scores(kind: str, task_name: str, preds: list[dict]) -> list[flo
 
 
 def _kind(task_name: str, preds: list[dict], annotation: dict | None, question_type: str | None) -> str:
-    # MileBench decides by name first, then by the annotation's question_type.
-    if "NeedleInAHaystack" in task_name or "MMCoQA" in task_name:
+    """How to score: "needle" (by name, as MileBench), else the question type, which MileBench's own
+    tasks have fixed; a task of one's own needs its annotation (which declares it)."""
+    known = MILEBENCH_TASKS.get(task_name)
+    if known is None and annotation is None:
+        raise ValueError(f"unknown MileBench task {task_name!r}; MileBench's tasks are "
+                         f"{', '.join(sorted(MILEBENCH_TASKS, key=str.lower))}. For a task of your own, pass its "
+                         "annotation JSON (--annotation), which declares its question_type")
+    if scoring_kind(task_name, "") == "needle":
         return "needle"
     declared = annotation["meta_data"].get("question_type") if annotation is not None else None
+    if question_type is not None and question_type not in QUESTION_TYPES:
+        raise ValueError(f"question_type must be one of {QUESTION_TYPES}, got {question_type!r}")
+    for source, value in (("the annotation's question_type", declared), ("--question-type", question_type)):
+        if known and value and value != known:
+            raise ValueError(f"{source} {value!r} contradicts MileBench's {task_name}, which is {known}: "
+                             f"check that the files belong to {task_name}")
     if declared and question_type and declared != question_type:
         raise ValueError(f"question_type {question_type!r} contradicts the annotation's {declared!r}")
-    qtype = declared or question_type
+    qtype = known or declared or question_type
     if qtype is None and preds and all("choice_list" in p for p in preds):
         qtype = "multi-choice"  # e.g. a pred_with_extracted.json
     if qtype is None:
-        raise ValueError(
-            f"cannot tell whether {task_name} is open-ended or multi-choice: "
-            "pass the task's annotation JSON or question_type"
-        )
+        raise ValueError(f"the annotation of {task_name} declares no question_type: add \"question_type\": "
+                         "\"open-ended\" or \"multi-choice\" to its meta_data, or pass --question-type")
     if qtype not in QUESTION_TYPES:
         raise ValueError(f"Dataset not supported: question_type {qtype!r}")
     return qtype
@@ -388,12 +417,16 @@ def score_predictions(
     """
     if not isinstance(predictions, list) or not predictions:
         raise ValueError("predictions must be a non-empty list of samples")
-    for p in predictions:
+    for index, p in enumerate(predictions):
         if not isinstance(p, dict) or not {"sample_id", "gt_response", "pred_response"} <= p.keys():
-            raise ValueError("each prediction needs 'sample_id', 'gt_response' and 'pred_response'")
+            raise ValueError(f"entry {index}: each prediction needs 'sample_id', 'gt_response' and 'pred_response'")
+        for key in ("gt_response", "pred_response"):
+            if not isinstance(p[key], str):
+                raise ValueError(f"entry {index} (sample_id {p['sample_id']!r}): {key} is {json.dumps(p[key])}, "
+                                 "not a string: regenerate the predictions (an empty reply is \"\")")
     preds = _merge_annotation(predictions, annotation)
     kind = _kind(task_name, preds, annotation, question_type)
-    scores = _per_sample_scores(kind, task_name, preds)
+    scores = sample_scores(kind, task_name, preds)
 
     headline = "Rouge-L f" if kind == "open-ended" else "Accuracy"
     result: dict[str, Any] = {headline: _mean(scores)}

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from cspkv.durable import append_line
 from cspkv.models.batched_decode import decode_batch
 from cspkv.models.llava import LlavaReference, PrunedCache
 from cspkv.pruning import get_policy
@@ -83,11 +84,10 @@ def milebench_items(root, tasks: list[str], processor, limit: int, errors: list[
                 text = sample.prompt.replace(mb.IMAGE_TOKEN, getattr(processor, "image_token", "<image>"))
                 return dict(processor(text=text, images=images, return_tensors="pt"))
 
-            def score(reply, sample=sample, name=loaded.name, kind=loaded.question_type):
+            def score(reply, sample=sample, kind=mb.scoring_kind(loaded.name, loaded.question_type)):
                 pred = {"sample_id": sample.sample_id, "pred_response": reply, "gt_response": sample.answer,
                         "choice_list": sample.choices}
-                result = mb.score_predictions(name, [pred], question_type=kind)
-                return float(next(v for k, v in result.items() if not isinstance(v, dict)))
+                return float(mb.sample_scores(kind, loaded.name, [pred])[0])
 
             items.append(EvalItem(task, str(sample.sample_id), build, score, sample.answer, loaded.question_type,
                                   prompt_digest(sample.prompt, tuple(map(str, sample.image_paths)))))
@@ -274,8 +274,7 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
                   "prompt_key": item.prompt_key}
         done[(item.task, item.sample_id)] = record
         if records_path is not None:
-            with open(records_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_line(records_path, json.dumps(record))
         progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} ({record['length']} tokens, "
                  f"{time.perf_counter() - started:.0f}s)")
     result = aggregate(list(done.values()), items, policies, budgets)
