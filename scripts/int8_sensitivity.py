@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from cspkv.calibration import CALIBRATION_SEED, train_prompts
     from cspkv.engines.precision import INT8_EXCLUDE_MODULES, quantize_int8, resolve_calibration
     from cspkv.export.exporter import load_processor
-    from cspkv.export.manifest import read_manifest
+    from cspkv.runtime.manifest import read_manifest
 
     manifest = read_manifest(args.fp32, verify_hashes=False)
     processor = load_processor(args.fp32, manifest)

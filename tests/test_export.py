@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from cspkv.engines.onnx_runtime import OrtEngine
 from cspkv.export.exporter import ExportError, ExportPlan, export_model
-from cspkv.export.manifest import ManifestError, model_fingerprint
+from cspkv.export.manifest import model_fingerprint
+from cspkv.runtime.manifest import ManifestError
 from cspkv.export.polygraphy_io import write_polygraphy_inputs
 from cspkv.export.readiness import check_export
 from cspkv.models.llava import LlavaReference
@@ -165,7 +166,7 @@ def test_pipeline_rejects_oversized_prompts_and_wrong_images(exports):
     ids, pixels = multi_image_prompt(2)
     with pytest.raises(ValueError, match="resize them to 28x28"):
         pipeline.generate(ids[0].numpy(), pixels[:, :, :20].numpy(), max_new_tokens=2)
-    with pytest.raises(ValueError, match="image positions but"):
+    with pytest.raises(ValueError, match="32 image tokens but 1 images of 16 tokens"):
         pipeline.generate(ids[0].numpy(), pixels[:1].numpy(), max_new_tokens=2)
     # still usable afterwards
     assert len(pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=3).tokens) == 3

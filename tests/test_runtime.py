@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cspkv.export.manifest import ManifestError
+from cspkv.runtime.manifest import ManifestError
 from cspkv.models.tiny import multi_image_prompt
 from cspkv.runtime.pipeline import OnnxPipeline
 from test_export import reference_run

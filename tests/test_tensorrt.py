@@ -22,7 +22,7 @@ from cspkv.engines.tensorrt import (
     engine_precision_plan,
     read_engine_manifest,
 )
-from cspkv.export.manifest import ManifestError, file_sha256
+from cspkv.runtime.manifest import ManifestError, file_sha256
 from cspkv.runtime.kv_buffer import KVBuffer
 
 

@@ -106,7 +106,7 @@ class Exports:
         self._shared: dict[str, Path] = {}
 
     def _usable(self, folder: Path) -> bool:
-        from cspkv.export.manifest import ManifestError, read_manifest
+        from cspkv.runtime.manifest import ManifestError, read_manifest
 
         try:
             read_manifest(folder, verify_hashes=False)
@@ -160,7 +160,8 @@ class Exports:
         count per plan; decode latency is what precision changes most, and the table says the
         prefill stayed fp32."""
         from cspkv.export.exporter import ExportPlan, export_model
-        from cspkv.export.manifest import read_manifest, write_manifest
+        from cspkv.export.manifest import write_manifest
+        from cspkv.runtime.manifest import read_manifest
 
         manifest = read_manifest(fp32, verify_hashes=False)
         plan = ExportPlan(**manifest["plan"])

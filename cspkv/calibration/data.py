@@ -296,7 +296,7 @@ def build_calibration_set(fp32_folder: str | Path, source: str = "auto", setting
     to provide data.
     """
     from cspkv.export.exporter import load_processor
-    from cspkv.export.manifest import read_manifest
+    from cspkv.runtime.manifest import read_manifest
 
     folder = Path(fp32_folder)
     manifest = read_manifest(folder)

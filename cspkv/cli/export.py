@@ -101,7 +101,7 @@ def _export_precision(model, budget, policy, params, max_prompt, decode_slots, n
     from cspkv.calibration import HOW_TO, CalibrationError
     from cspkv.engines.precision import PrecisionError, convert_export
     from cspkv.export.exporter import ExportError, ExportPlan, export_model
-    from cspkv.export.manifest import ManifestError
+    from cspkv.runtime.manifest import ManifestError
     from cspkv.models.registry import ModelNotFound, load_model
 
     if precision == "fp32":

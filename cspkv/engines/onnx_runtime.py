@@ -7,16 +7,30 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cspkv.export.manifest import ManifestError, kv_dtype, read_manifest
+from cspkv.runtime.manifest import STAMP_KEY, ManifestError, check_graphs, kv_dtype, read_manifest
+
+# onnxruntime's NodeArg.type -> numpy dtype name, as manifest.json writes them
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def session_io(session: ort.InferenceSession) -> dict:
+    """{"inputs"|"outputs": {name: (shape, dtype)}} of a loaded graph (symbolic sizes stay strings)."""
+    def specs(args):
+        return {a.name: (list(a.shape), _ORT_TYPES.get(a.type, a.type)) for a in args}
+
+    return {"inputs": specs(session.get_inputs()), "outputs": specs(session.get_outputs())}
 
 
 class OrtEngine:
     """The three graphs of a csp-export folder as ONNX Runtime sessions, with shape checks."""
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 session_options: ort.SessionOptions | None = None):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        options = ort.SessionOptions()
+        options = session_options or ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = {}
@@ -27,6 +41,8 @@ class OrtEngine:
             except Exception as exc:  # ORT raises its own types for unreadable graphs
                 raise ManifestError(f"{self.folder / name} cannot be loaded by onnxruntime ({exc}): "
                                     "re-run csp-export") from None
+        check_graphs(self.folder, self.manifest, {role: session_io(s) for role, s in self.sessions.items()},
+                     {role: s.get_modelmeta().custom_metadata_map.get(STAMP_KEY) for role, s in self.sessions.items()})
         plan = self.manifest["plan"]
         self.max_prompt = plan["max_prompt"]
         self.n_slots = plan["n_slots"]
@@ -35,10 +51,6 @@ class OrtEngine:
         self.hidden_size = self.manifest["model"]["hidden_size"]
         self.precision = self.manifest.get("precision", "fp32")
         self.kv_dtype = kv_dtype(self.manifest)          # float16 for fp16 exports, else float32
-        declared = self.manifest["io"]["decode"]["inputs"].get("past_key_0", {}).get("dtype")
-        if declared is not None and declared != self.kv_dtype.name:
-            raise ManifestError(f"{self.folder}: manifest kv_dtype {self.kv_dtype.name} but decode.onnx takes "
-                                f"{declared} K/V: re-convert the export with this cspkv")
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N, 3, H, W] float32 -> [N, T, hidden], run in the graph's static batch."""
@@ -80,14 +92,23 @@ class OrtEngine:
         return self.sessions["decode"].run(None, feed)
 
 
-def vision_in_batches(pixel_values, image_size: int, batch: int, run) -> np.ndarray:
-    """Check [N, 3, H, W] pixel values and run ``run`` over chunks of the vision graph's static
-    batch (the last one zero-padded); [N, T, hidden]. Shared by every engine backend."""
+def checked_pixels(pixel_values, image_size: int) -> np.ndarray:
+    """float32 [N, 3, image_size, image_size] pixel values, or a ValueError saying what to do."""
     pixel_values = np.asarray(pixel_values, dtype=np.float32)
     expected = (3, image_size, image_size)
     if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
         raise ValueError(f"images must be pixel_values of shape [N, {', '.join(map(str, expected))}], "
                          f"got {list(pixel_values.shape)}: resize them to {image_size}x{image_size}")
+    if not np.isfinite(pixel_values).all():
+        raise ValueError("pixel_values hold a NaN or infinity: preprocess the images again")
+    return pixel_values
+
+
+def vision_in_batches(pixel_values, image_size: int, batch: int, run) -> np.ndarray:
+    """Check [N, 3, H, W] pixel values and run ``run`` over chunks of the vision graph's static
+    batch (the last one zero-padded); [N, T, hidden]. Shared by every engine backend."""
+    pixel_values = checked_pixels(pixel_values, image_size)
+    expected = pixel_values.shape[1:]
     outputs = []
     for start in range(0, len(pixel_values), batch):
         chunk = pixel_values[start:start + batch]

@@ -43,16 +43,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from cspkv.export.manifest import (
-    MANIFEST_VERSION,
-    PRECISIONS,
-    ManifestError,
-    _io_specs,
-    file_sha256,
-    package_versions,
-    read_manifest,
-    write_manifest,
-)
+from cspkv.export.manifest import finish_manifest, package_versions, write_manifest
+from cspkv.runtime.manifest import MANIFEST_VERSION, PRECISIONS, ManifestError, file_sha256, read_manifest
 
 CLI_PRECISIONS = ("fp32", "fp16", "int8")
 INT8_FLAVOURS = ("u8s8", "s8s8")
@@ -294,22 +286,17 @@ def _finish(src: Path, dst: Path, source: dict, precision: str, conversion: dict
     if source.get("processor"):
         path = source["processor"]["path"]
         shutil.copytree(src / path, dst / path, dirs_exist_ok=True)
-    files = {}
-    for name in manifest["graphs"].values():
-        files[name] = {"sha256": file_sha256(dst / name), "bytes": (dst / name).stat().st_size}
     manifest.update({
         "manifest_version": MANIFEST_VERSION,
         "precision": precision,
         "kv_dtype": PRECISIONS[precision],
-        "io": {role: _io_specs(dst / name) for role, name in manifest["graphs"].items()},
-        "files": files,
         "source": {"fingerprint": source["model"]["fingerprint"], "precision": source.get("precision", "fp32"),
                    "folder": str(src.resolve()),
                    "files": {name: meta["sha256"] for name, meta in source["files"].items()}},
         "conversion": conversion,
         "versions": package_versions(),
     })
-    write_manifest(dst, manifest)
+    write_manifest(dst, finish_manifest(dst, manifest))
     read_manifest(dst)  # what the runtime will check
     return manifest
 

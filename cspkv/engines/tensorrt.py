@@ -35,7 +35,8 @@ from typing import Callable
 
 import numpy as np
 
-from cspkv.export.manifest import ManifestError, file_sha256, read_manifest
+from cspkv.durable import write_atomic
+from cspkv.runtime.manifest import ManifestError, file_sha256, read_manifest
 
 ENGINE_MANIFEST = "engine_manifest.json"
 ENGINE_MANIFEST_VERSION = 1
@@ -253,7 +254,7 @@ def build_engines(export_folder: str | Path, out_folder: str | Path, precision: 
     if export.get("processor"):
         path = export["processor"]["path"]
         shutil.copytree(export_folder / path, out / path, dirs_exist_ok=True)
-    (out / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_atomic(out / ENGINE_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 

@@ -259,8 +259,7 @@ def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, fo
             with torch.no_grad():
                 _export_one(module, inputs[role], target, role, names[role])
         timings[role] = round(time.perf_counter() - start, 2)
-    manifest = build_manifest(model, model_id, plan, out, {r: f"{r}.onnx" for r in modules},
-                              names, OUTPUTS, OPSET, timings)
-    manifest["processor"] = save_processor(processor, out)
+    manifest = build_manifest(model, model_id, plan, out, {r: f"{r}.onnx" for r in modules}, OPSET, timings,
+                              save_processor(processor, out))
     write_manifest(out, manifest)
     return manifest

@@ -1,4 +1,5 @@
-"""manifest.json: everything a runtime needs to trust an export folder, and to refuse a bad one."""
+"""Writing manifest.json: what the exporter records about an export folder, and the stamp it puts
+into each graph. Reading and checking a folder is :mod:`cspkv.runtime.manifest`."""
 
 from __future__ import annotations
 
@@ -9,24 +10,10 @@ from pathlib import Path
 
 import onnx
 
-MANIFEST_VERSION = 2  # 2: the decode graph takes one K and one V input per layer
-MANIFEST_NAME = "manifest.json"
-# precision -> dtype of the K/V tensors (prefill `kv`, decode `past_*` / `new_kv`) and of the runtime's
-# C buffer. fp32 graphs come from csp-export; the others from cspkv.engines.precision.
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8-u8s8": "float32", "int8-s8s8": "float32"}
-
-
-class ManifestError(ValueError):
-    """A missing, corrupt or mismatched export folder; the message says what to do."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
+from cspkv.durable import write_atomic
+from cspkv.runtime.kv_buffer import ABI_VERSION
+from cspkv.runtime.manifest import (MANIFEST_NAME, MANIFEST_VERSION, PRECISIONS, STAMP_KEY, file_sha256,
+                                    graph_stamp)
 
 # Config entries that say where a model was loaded from or how it was saved, not what it computes.
 # A model fresh in memory has ``_name_or_path`` '', no ``architectures`` and ``dtype`` None; the same
@@ -51,7 +38,7 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def _io_specs(path: Path) -> dict:
+def io_specs(path: Path) -> dict:
     graph = onnx.load(str(path), load_external_data=False).graph
 
     def spec(values):
@@ -74,22 +61,43 @@ def package_versions() -> dict:
     return versions
 
 
-def _runtime_abi() -> int:
-    from cspkv.runtime.kv_buffer import ABI_VERSION
+def stamp_graph(path: Path, stamp: dict) -> None:
+    """Write ``stamp`` (role, model, plan) into the graph's metadata, where the runtime reads it back
+    from the loaded session: a graph then says which export it belongs to, whatever its file name."""
+    model = onnx.load(str(path), load_external_data=False)
+    text = json.dumps(stamp, sort_keys=True)
+    for prop in model.metadata_props:
+        if prop.key == STAMP_KEY:
+            if prop.value == text:
+                return
+            prop.value = text
+            break
+    else:
+        model.metadata_props.add(key=STAMP_KEY, value=text)
+    onnx.save(model, str(path))
 
-    return ABI_VERSION
+
+def finish_manifest(out: Path, manifest: dict) -> dict:
+    """Stamp every graph, then record each graph's inputs and outputs and every file's size and hash
+    (graphs and the processor folder); returns the manifest, not yet written."""
+    for role, name in manifest["graphs"].items():
+        stamp_graph(out / name, graph_stamp(manifest, role))
+    manifest["io"] = {role: io_specs(out / name) for role, name in manifest["graphs"].items()}
+    names = list(manifest["graphs"].values())
+    if manifest.get("processor"):
+        folder = out / manifest["processor"]["path"]
+        names += sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
+    manifest["files"] = {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
+                         for name in names}
+    return manifest
 
 
-def build_manifest(model, model_id, plan, out: Path, graphs: dict, inputs: dict, outputs: dict,
-                   opset: int, timings: dict) -> dict:
+def build_manifest(model, model_id, plan, out: Path, graphs: dict, opset: int, timings: dict,
+                   processor: dict | None) -> dict:
     from cspkv.models.static_llama import DecoderShape
 
     shape = DecoderShape(model.config.text_config)
-    files = {}
-    for role, name in graphs.items():
-        path = out / name
-        files[name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-    return {
+    manifest = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"id": model_id, "fingerprint": model_fingerprint(model),
                   "text_model_type": model.config.text_config.model_type,
@@ -103,58 +111,17 @@ def build_manifest(model, model_id, plan, out: Path, graphs: dict, inputs: dict,
                   "null_slot": plan.n_slots > plan.max_keep + plan.decode_slots,
                   "kept_at_budget": f"ceil({plan.budget} * valid_length)"},
         "graphs": graphs,
-        "io": {role: _io_specs(out / name) for role, name in graphs.items()},
-        "runtime_abi": _runtime_abi(),
+        "processor": processor,
+        "runtime_abi": ABI_VERSION,
         "opset": opset,
         "exporter": "torch.onnx dynamo",
         "precision": "fp32",
         "kv_dtype": PRECISIONS["fp32"],
         "export_seconds": timings,
         "versions": package_versions(),
-        "files": files,
     }
+    return finish_manifest(out, manifest)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def read_manifest(folder: str | Path, verify_hashes: bool = True) -> dict:
-    """Load and check an export folder's manifest: present, parseable, same manifest version,
-    every graph file present with the recorded hash."""
-    folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not folder.is_dir():
-        raise ManifestError(f"{folder} is not a folder: pass the --out folder of csp-export")
-    if not path.is_file():
-        raise ManifestError(f"{path} is missing: this is not a csp-export folder (re-run csp-export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is corrupt ({exc}): re-run csp-export") from None
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path} has manifest version {manifest.get('manifest_version')!r}; this "
-                            f"cspkv reads version {MANIFEST_VERSION}: re-export with this cspkv")
-    precision = manifest.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise ManifestError(f"{path} has precision {precision!r}; this cspkv runs "
-                            f"{', '.join(PRECISIONS)}: convert the fp32 export again with this cspkv "
-                            "(csp-export --from FP32_FOLDER --precision ...) or upgrade cspkv")
-    if manifest.get("kv_dtype", "float32") not in ("float32", "float16"):
-        raise ManifestError(f"{path} has kv_dtype {manifest.get('kv_dtype')!r}; the runtime's KV buffer "
-                            "holds float32 or float16: re-convert the export with this cspkv")
-    for name, meta in manifest.get("files", {}).items():
-        file = folder / name
-        if not file.is_file():
-            raise ManifestError(f"{file} is missing: re-run csp-export")
-        if verify_hashes and file_sha256(file) != meta["sha256"]:
-            raise ManifestError(f"{file} does not match its manifest hash (corrupt or replaced): "
-                                "re-run csp-export")
-    return manifest
-
-
-def kv_dtype(manifest: dict):
-    """numpy dtype of the export's K/V tensors and of the runtime's buffer (float32 when absent)."""
-    import numpy as np
-
-    return np.dtype(manifest.get("kv_dtype", "float32"))
+    write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
