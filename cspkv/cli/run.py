@@ -9,6 +9,9 @@ import time
 import click
 
 MIB = 1024 * 1024
+# The reference's defaults; an export fixes its own (plan.budget, plan.policy, plan.decode_slots).
+DEFAULTS = {"budget": 0.5, "prune": "csp", "decode_slots": 16}
+
 
 def demo_question() -> str:
     """The benchmark's image_needle wording; the blue circle is image 2 of ``demo_images``."""
@@ -17,28 +20,63 @@ def demo_question() -> str:
     return question_text("Which image shows the blue circle?", ("1", "2", "3", "4"))
 
 
+def checked_prompt(prompt: str | None, images) -> str | None:
+    """The --prompt text, refused when empty or not valid UTF-8; None means the built-in demo."""
+    if prompt is None:
+        if images:
+            raise click.UsageError("--image needs a --prompt: ask a question about the images")
+        return None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:   # bytes the shell passed that are not UTF-8 (kept as surrogates)
+        bad = prompt[exc.start].encode("utf-8", "surrogateescape")
+        raise click.UsageError(f"--prompt is not valid UTF-8 text (byte 0x{bad.hex()} at character {exc.start}): "
+                               "pass the question as UTF-8") from None
+    if not prompt.strip():
+        raise click.UsageError("--prompt is empty: ask a question, e.g. --prompt \"Which image shows a circle?\"")
+    return prompt
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", type=click.Path(), default=None, help="Folder written by csp-export.")
 @click.option("--model", default=None, help="Run the PyTorch reference: default | tiny | llava | PATH.")
-@click.option("--image", "images", multiple=True, type=click.Path(), help="Image file; repeat for several images.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image file; repeat for several images.")
 @click.option("--prompt", default=None, help="The question (default: a question about built-in demo images).")
-@click.option("--prune", "prune_policy", default="csp", show_default=True, help="Pruning policy applied after prefill.")
-@click.option("--budget", type=float, default=0.5, show_default=True, help="Fraction of prompt KV entries kept, in (0, 1].")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--prune", "prune_policy", default=None,
+              help=f"Pruning policy applied after prefill [reference default: {DEFAULTS['prune']}; an engine "
+                   "prunes as it was exported].")
+@click.option("--budget", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"Fraction of prompt KV entries kept, in (0, 1] [reference default: {DEFAULTS['budget']}; "
+                   "fixed by an export].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--policy", type=click.Choice(["ring", "rescore", "unbounded"]), default="ring", show_default=True,
               help="Decode slots: overwrite the oldest generated token, evict the lowest-scored, or grow.")
-@click.option("--decode-slots", type=int, default=16, show_default=True, help="Slots for generated tokens (ring/rescore).")
+@click.option("--decode-slots", type=click.IntRange(min=1), default=None,
+              help=f"Slots for generated tokens (ring/rescore) [reference default: {DEFAULTS['decode_slots']}; "
+                   "fixed by an export].")
 def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, policy, decode_slots):
     """Generate with KV pruning after prefill and a fixed number of decode slots."""
+    prompt = checked_prompt(prompt, images)
     if engine is not None:
+        if model is not None:
+            raise click.UsageError("give either --engine DIR or --model NAME, not both")
         if policy == "unbounded":
             raise click.UsageError("an engine has a fixed number of slots: use --policy ring or rescore")
-        return _run_engine(engine, images, prompt, max_new_tokens, policy)
+        return _run_engine(engine, images, prompt, max_new_tokens, policy,
+                           {"budget": budget, "prune": prune_policy, "decode_slots": decode_slots})
     if model is None:
         raise click.UsageError("give --model default|tiny|PATH (PyTorch reference) or --engine DIR")
+    budget = DEFAULTS["budget"] if budget is None else budget
+    prune_policy = prune_policy or DEFAULTS["prune"]
+    decode_slots = DEFAULTS["decode_slots"] if decode_slots is None else decode_slots
     from cspkv.models.llava import generate, generate_from_ids
     from cspkv.models.registry import ModelNotFound, load_model
+    from cspkv.pruning import available_policies
 
+    if prune_policy not in available_policies():
+        raise click.UsageError(f"--prune {prune_policy!r} is not a pruning policy; choose one of "
+                               f"{', '.join(available_policies())}")
     try:
         net, processor, _ = load_model(model)
     except (ModelNotFound, ImportError) as exc:
@@ -60,9 +98,7 @@ def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, po
 
             size = getattr(processor, "image_size", None) or net.config.vision_config.image_size
             pictures = load_images(images, size) if images else demo_images(size)
-            question = prompt or (demo_question() if not images else None)
-            if question is None:
-                raise click.UsageError("--image needs a --prompt")
+            question = prompt or demo_question()
             result = generate(net, processor, pictures, chat_prompt(processor, question, len(pictures)), **decode)
             answer = result.text
     except ValueError as exc:
@@ -79,16 +115,37 @@ def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, po
                f"{full_bytes / MIB:.2f} MiB full cache", err=True)
 
 
-def _run_engine(folder, images, prompt, max_new_tokens, policy):
+def refuse_export_overrides(plan: dict, given: dict) -> None:
+    """An export fixed its budget, pruning policy and decode slots at export time: a different value
+    on the command line is refused rather than silently ignored."""
+    fixed = {"budget": ("--budget", plan["budget"], "plan.budget"),
+             "prune": ("--prune", plan["policy"], "plan.policy"),
+             "decode_slots": ("--decode-slots", plan["decode_slots"], "plan.decode_slots")}
+    for key, value in given.items():
+        flag, exported, field = fixed[key]
+        if value is not None and value != exported:
+            raise click.UsageError(f"{flag} {value} differs from this export's {exported} ({field}), which was fixed "
+                                   f"when it was exported: drop {flag}, or re-run csp-export with {flag} {value}")
+
+
+def _run_engine(folder, images, prompt, max_new_tokens, policy, given):
     from cspkv.export.exporter import load_processor
-    from cspkv.export.manifest import ManifestError
+    from cspkv.runtime.manifest import ManifestError, read_manifest
     from cspkv.runtime.pipeline import OnnxPipeline
 
     try:
+        refuse_export_overrides(read_manifest(folder, verify_hashes=False)["plan"], given)
         pipeline = OnnxPipeline(folder, policy=policy)
     except (ManifestError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     manifest = pipeline.manifest
+    plan = manifest["plan"]
+    n_images = len(images) if images else 4
+    if n_images * plan["image_tokens"] > plan["max_prompt"]:
+        raise click.ClickException(
+            f"{n_images} images take {n_images} x {plan['image_tokens']} = {n_images * plan['image_tokens']} prompt "
+            f"tokens, but this export takes at most {plan['max_prompt']} (plan.max_prompt): use fewer images or "
+            "re-export with a larger --max-prompt")
     processor = load_processor(pipeline.engine.folder, manifest)
     try:
         if processor is None:
@@ -102,11 +159,9 @@ def _run_engine(folder, images, prompt, max_new_tokens, policy):
         else:
             from cspkv.models.prompting import chat_prompt, demo_images, load_images
 
-            size = manifest["plan"]["image_size"]
+            size = plan["image_size"]
             pictures = load_images(images, size) if images else demo_images(size)
-            question = prompt or (demo_question() if not images else None)
-            if question is None:
-                raise click.UsageError("--image needs a --prompt")
+            question = prompt or demo_question()
             inputs = processor(text=chat_prompt(processor, question, len(pictures)), images=pictures,
                                return_tensors="pt")
             ids, pixels = inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy()
@@ -119,6 +174,6 @@ def _run_engine(folder, images, prompt, max_new_tokens, policy):
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo()
-    click.echo(f"[{manifest['model']['id']}] prompt {result.prompt_len} tokens | TTFT {result.ttft_s * 1e3:.0f} ms | "
+    click.echo(f"[{manifest['model'].get('id', folder)}] prompt {result.prompt_len} tokens | TTFT {result.ttft_s * 1e3:.0f} ms | "
                f"{result.tokens_per_s:.1f} tokens/s | KV {result.kv_bytes / MIB:.2f} MiB fixed vs "
                f"{result.full_kv_bytes / MIB:.2f} MiB full cache", err=True)

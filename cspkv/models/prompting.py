@@ -34,6 +34,10 @@ def load_images(paths, size: int) -> list[np.ndarray]:
             raise ValueError(f"image {path} does not exist") from None
         except UnidentifiedImageError:
             raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, ...)") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path} is a folder, not an image file") from None
+        except (OSError, Image.DecompressionBombError) as exc:  # truncated or corrupt image data
+            raise ValueError(f"{path} cannot be decoded as an image ({exc}): pass an intact PNG or JPEG") from None
     return images
 
 

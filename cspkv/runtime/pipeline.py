@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from cspkv.engines.onnx_runtime import OrtEngine
-from cspkv.export.manifest import ManifestError
-from cspkv.runtime.kv_buffer import ABI_VERSION, KVBuffer
+from cspkv.engines.onnx_runtime import OrtEngine, checked_pixels
+from cspkv.runtime.manifest import ManifestError
+from cspkv.runtime.kv_buffer import ABI_VERSION, KVBuffer, NonFiniteError
 from cspkv.runtime.slot_reference import RESCORE, RING
 
 TEXT = 0
@@ -103,6 +103,20 @@ class OnnxPipeline:
                                                       ort.OrtValue.ortvalue_from_numpy(copied[layer, part]))
         self.engine.sessions["decode"].run_with_iobinding(self._binding)
 
+    def step(self, token: int, position: int) -> np.ndarray:
+        """One decode step: feed ``token`` at ``position``, store its K/V in the buffer's chosen
+        slots, add the attention mass; returns the logits (a view, overwritten by the next step)."""
+        slots = self.buffer.choose_write_slots(position)
+        self._decode(token, position)
+        try:
+            self.buffer.write_token(slots, self._out["new_kv"], position, TEXT)
+        except NonFiniteError as exc:
+            raise ValueError(f"the decode graph's K/V at position {position} hold a NaN or infinity ({exc.detail}): "
+                             "its numbers overflowed; run the fp32 export") from None
+        if self.buffer.policy == RESCORE:      # only re-scoring reads the accumulated mass
+            self.buffer.accumulate(self._out["mass"][:, 0])
+        return self._out["logits"][0]
+
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32,
                  eos_token_id: int | None = None, on_token: Callable[[int], None] | None = None,
                  keep_logits: bool = True, forced_tokens=None) -> PipelineResult:
@@ -116,9 +130,19 @@ class OnnxPipeline:
             max_new_tokens = min(max_new_tokens, len(forced_tokens))
             if max_new_tokens < 1:
                 raise ValueError("forced_tokens is empty: give the tokens to feed, or None to decode greedily")
-        model = self.manifest["model"]
+        model, plan = self.manifest["model"], self.manifest["plan"]
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         modality = (input_ids == model["image_token_id"]).astype(np.int64)
+        # Sizes are checked before any image is encoded: the vision graph is the slow part.
+        if len(input_ids) > plan["max_prompt"]:
+            raise ValueError(f"the prompt has {len(input_ids)} tokens but this export takes at most "
+                             f"{plan['max_prompt']} (--max-prompt): shorten it or re-export")
+        if pixel_values is not None:
+            pixel_values = checked_pixels(pixel_values, plan["image_size"])
+        n_images = 0 if pixel_values is None else len(pixel_values)
+        if int(modality.sum()) != n_images * plan["image_tokens"]:
+            raise ValueError(f"the prompt has {int(modality.sum())} image tokens but {n_images} images of "
+                             f"{plan['image_tokens']} tokens were given: one image placeholder per image")
         start = time.perf_counter()
         features = None
         if pixel_values is not None and len(pixel_values):
@@ -127,8 +151,12 @@ class OnnxPipeline:
         c = self.max_keep
         n_valid = out["slot_valid"][:, :, :c].sum(-1).astype(np.int32)
         kv = np.ascontiguousarray(out["kv"][:, :, 0, :, :c], dtype=self.kv_dtype)  # [layers, 2, H, C, D]
-        self.buffer.load_prefill(kv, out["slot_position"][:, :, :c], out["slot_modality"][:, :, :c],
-                                 n_valid, len(input_ids), out["slot_mass"][:, :, :c])
+        try:
+            self.buffer.load_prefill(kv, out["slot_position"][:, :, :c], out["slot_modality"][:, :, :c],
+                                     n_valid, len(input_ids), out["slot_mass"][:, :, :c])
+        except NonFiniteError as exc:
+            raise ValueError(f"the prefill graph's K/V hold a NaN or infinity ({exc.detail}): its numbers "
+                             "overflowed; run the fp32 export") from None
         kept = out["slot_position"][:, :, : int(n_valid.min())]
         tokens, logits, steps = [int(out["logits"][0].argmax())], [out["logits"][0].copy()], []
         ttft = time.perf_counter() - start
@@ -139,12 +167,7 @@ class OnnxPipeline:
             if eos_token_id is not None and fed == eos_token_id:
                 break
             t0 = time.perf_counter()
-            position = len(input_ids) + step
-            slots = self.buffer.choose_write_slots(position)
-            self._decode(fed, position)
-            self.buffer.write_token(slots, self._out["new_kv"], position, TEXT)
-            self.buffer.accumulate(self._out["mass"][:, 0])
-            tokens.append(int(self._out["logits"][0].argmax()))
+            tokens.append(int(self.step(fed, len(input_ids) + step).argmax()))
             if keep_logits:  # off for long runs: the only per-token memory the loop would keep
                 logits.append(self._out["logits"][0].copy())
             steps.append(time.perf_counter() - t0)
