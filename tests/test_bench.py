@@ -109,3 +109,33 @@ def test_bad_arguments_are_refused_before_any_work(args, message):
 
     result = CliRunner().invoke(main, ["--model", "tiny", *args])
     assert result.exit_code != 0 and message in result.output
+
+
+def _measured(ratio, planted=False):
+    return {"ratio": ratio, "step_ms": 4.0 * ratio, "graph_ms": 4.0, "rounds": 30, "slots": 2048, "kv_mib": 16.0,
+            "copy_cache_each_step": planted}
+
+
+def test_latency_gate_needs_the_runtime_under_and_the_planted_copy_over_its_limit():
+    from cspkv.bench.regression import LIMIT, gate
+
+    ok, lines = gate(_measured(1.1), _measured(1.9, planted=True))
+    assert ok and lines[0].startswith("CPU: ") and "margin +0.300" in lines[1] and lines[2].endswith("FAIL")
+    ok, lines = gate(_measured(LIMIT + 0.01), _measured(1.9, planted=True))
+    assert not ok and lines[1].endswith("FAIL")
+    ok, lines = gate(_measured(1.1), _measured(LIMIT - 0.01, planted=True))     # blind to its own regression
+    assert not ok and "cannot see that regression" in lines[-1]
+    assert gate(_measured(1.1), None)[0]
+
+
+def test_pipeline_step_with_the_planted_copy_gives_the_same_logits(exports):
+    """The planted variant is slower, not different: the gate compares equal work."""
+    from cspkv.models.tiny import multi_image_prompt
+    from cspkv.runtime.pipeline import OnnxPipeline
+
+    ids, pixels = multi_image_prompt(3, seed=1)
+    plain = OnnxPipeline(exports("gqa", "csp", 0.5)).generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=6)
+    copied = OnnxPipeline(exports("gqa", "csp", 0.5), copy_cache_each_step=True).generate(
+        ids[0].numpy(), pixels.numpy(), max_new_tokens=6)
+    assert plain.tokens == copied.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(plain.logits, copied.logits))

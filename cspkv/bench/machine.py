@@ -56,6 +56,27 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set features that change ONNX Runtime's float and int8 kernels on x86.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def cpu_name() -> str:
+    """The CPU model and the kernel-relevant flags it has, e.g. 'AMD EPYC [avx2 fma]'."""
+    flags = set(_cpu_flags())
+    return f"{_cpu_model()} [{' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no AVX2'}]"
+
+
 def describe() -> dict:
     """The machine in words and numbers, for the report."""
     import onnxruntime
@@ -63,7 +84,7 @@ def describe() -> dict:
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": _cpu_model(), "cores": cores, "memory_gib": round(memory / 2**30, 1),
+    return {"cpu": cpu_name(), "cores": cores, "memory_gib": round(memory / 2**30, 1),
             "machine": platform.machine(), "system": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()}

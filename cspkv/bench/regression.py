@@ -1,15 +1,18 @@
-"""Decode-step latency regression check, robust to a noisy shared machine.
+"""Decode-step latency regression gate that holds on any CPU: a reference built into the same run.
 
-The runtime's decode step on a small fixed model is timed together with a reference workload (a
-fixed float32 matrix product and a memory copy, about as long as a step) in the same process,
-interleaved round by round, so load from other processes slows both alike. The statistic is the
-median over rounds of (step time / reference time); CI compares it with a committed baseline and
-fails when it is more than ``tolerance`` above it.
+What the runtime adds to a decode step is its own work around the graph: choosing the slots, the
+attention bias, binding, writing the new K/V into the C buffer, the mass. The gate times the whole
+step (:meth:`OnnxPipeline.step`) against the bare decode graph run on the same bound buffer
+(``run_with_iobinding``), interleaved round by round in one process, so the CPU, its instruction
+set, its caches and any load from other processes affect both alike. The statistic is the median
+over rounds of (step time / graph time): near 1 when the runtime only does its bookkeeping, well
+above when it does something the size of the cache per step. The planted regression
+(``copy_cache_each_step``: hand the graph a fresh copy of the whole cache every step) is measured
+the same way, and CI requires the limit to separate the two on the machine it runs on.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -17,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-BASELINE = Path(__file__).with_name("latency_baseline.json")
-# Fail above baseline * 1.45. Measured on the 2-core CI machine: the real step's ratio 12.0-16.2
-# (16.2 with two other heavy jobs running), the planted full-cache copy 21.6-24.0 under the same
-# loads, i.e. the limit sits between them with ~12% and ~19% to spare.
-TOLERANCE = 0.45
+# Fail above this overhead ratio. Measured on a 2-core AMD EPYC (AVX2, no VNNI), one thread, five
+# runs: the runtime 1.09-1.12 and the planted full-cache copy 1.82-1.95 on an idle machine; 1.10-1.11
+# and 1.74-1.95 with a CPU spinner and a memory-copy loop running beside it. The limit sits between,
+# near their geometric mean; CI also requires the planted copy to fail it on the machine it runs on.
+LIMIT = 1.4
 ROUNDS, STEPS_PER_ROUND = 30, 20
 
 
@@ -41,40 +44,6 @@ def small_model():
                                                      vision_feature_layer=-1)).eval()
 
 
-def reference_workload(a: np.ndarray, b: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
-    np.matmul(a, b)
-    np.copyto(dst, src)
-
-
-def measure(folder: str | Path, copy_cache_each_step: bool = False, rounds: int = ROUNDS) -> dict:
-    from cspkv.engines.onnx_runtime import OrtEngine
-    from cspkv.runtime.pipeline import OnnxPipeline
-
-    pipeline = OnnxPipeline(OrtEngine(folder, threads=1), copy_cache_each_step=copy_cache_each_step)
-    ids = np.array([1] + list(range(100, 500)) * 3)[:900]                # text only (99 is the image token)
-    pipeline.generate(ids, None, max_new_tokens=4)                      # fill the cache, warm up
-    position = len(ids) + 4
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((192, 192), np.float32), rng.standard_normal((192, 192), np.float32)
-    src, dst = rng.standard_normal(1 << 18).astype(np.float32), np.empty(1 << 18, np.float32)
-    ratios, steps, refs = [], [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(STEPS_PER_ROUND):
-            pipeline._decode(7, position)
-        t1 = time.perf_counter()
-        for _ in range(STEPS_PER_ROUND):
-            reference_workload(a, b, src, dst)
-        t2 = time.perf_counter()
-        steps.append((t1 - t0) / STEPS_PER_ROUND)
-        refs.append((t2 - t1) / STEPS_PER_ROUND)
-        ratios.append(steps[-1] / refs[-1])
-    return {"ratio": statistics.median(ratios), "step_ms": 1e3 * statistics.median(steps),
-            "reference_ms": 1e3 * statistics.median(refs), "rounds": rounds,
-            "slots": pipeline.n_slots, "kv_mib": pipeline.buffer.nbytes / 2**20,
-            "copy_cache_each_step": copy_cache_each_step}
-
-
 def export_small(folder: str | Path) -> None:
     from cspkv.export.exporter import ExportPlan, export_model
 
@@ -83,12 +52,53 @@ def export_small(folder: str | Path) -> None:
     export_model(model, folder, plan, "latency-check", force=True)
 
 
-def check(measured: dict, baseline_path: Path = BASELINE, tolerance: float = TOLERANCE) -> tuple[bool, str]:
-    baseline = json.loads(baseline_path.read_text())
-    limit = baseline["ratio"] * (1 + tolerance)
-    ok = measured["ratio"] <= limit
-    line = (f"decode step {measured['step_ms']:.3f} ms / reference {measured['reference_ms']:.3f} ms = "
-            f"ratio {measured['ratio']:.3f} (baseline {baseline['ratio']:.3f}, limit {limit:.3f}, "
-            f"{measured['rounds']} rounds, {measured['slots']} slots, "
-            f"{measured['kv_mib']:.1f} MiB KV on {platform.machine()}): {'PASS' if ok else 'FAIL'}")
-    return ok, line
+def measure(folder: str | Path, copy_cache_each_step: bool = False, rounds: int = ROUNDS) -> dict:
+    """Median over rounds of (full decode step / bare decode graph), one thread."""
+    from cspkv.engines.onnx_runtime import OrtEngine
+    from cspkv.runtime.pipeline import OnnxPipeline
+
+    pipeline = OnnxPipeline(OrtEngine(folder, threads=1), copy_cache_each_step=copy_cache_each_step)
+    ids = np.array([1] + list(range(100, 500)) * 3)[:900]                # text only (99 is the image token)
+    pipeline.generate(ids, None, max_new_tokens=4)                      # fill the cache, warm up
+    session, binding = pipeline.engine.sessions["decode"], pipeline._binding
+    position = len(ids) + 4
+    ratios, steps, graphs = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            pipeline.step(7, position)
+            position += 1                       # the ring overwrites the oldest generated token
+        t1 = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            session.run_with_iobinding(binding)
+        t2 = time.perf_counter()
+        steps.append((t1 - t0) / STEPS_PER_ROUND)
+        graphs.append((t2 - t1) / STEPS_PER_ROUND)
+        ratios.append(steps[-1] / graphs[-1])
+    return {"ratio": statistics.median(ratios), "step_ms": 1e3 * statistics.median(steps),
+            "graph_ms": 1e3 * statistics.median(graphs), "rounds": rounds, "slots": pipeline.n_slots,
+            "kv_mib": pipeline.buffer.nbytes / 2**20, "copy_cache_each_step": copy_cache_each_step}
+
+
+def describe(measured: dict, limit: float = LIMIT) -> str:
+    verdict = "PASS" if measured["ratio"] <= limit else "FAIL"
+    what = "planted full-cache copy" if measured["copy_cache_each_step"] else "runtime"
+    return (f"{what}: step {measured['step_ms']:.3f} ms / bare graph {measured['graph_ms']:.3f} ms = "
+            f"{measured['ratio']:.3f} (limit {limit}, margin {limit - measured['ratio']:+.3f}; {measured['rounds']} "
+            f"rounds, {measured['slots']} slots, {measured['kv_mib']:.1f} MiB KV): {verdict}")
+
+
+def gate(runtime: dict, planted: dict | None, limit: float = LIMIT) -> tuple[bool, list[str]]:
+    """The runtime must pass; the planted copy, when measured, must fail (else this machine's gate
+    could not see the regression it exists for, and that is a failure too)."""
+    from cspkv.bench.machine import cpu_name
+
+    lines = [f"CPU: {cpu_name()} ({platform.machine()})", describe(runtime, limit)]
+    ok = runtime["ratio"] <= limit
+    if planted is not None:
+        lines.append(describe(planted, limit))
+        if planted["ratio"] <= limit:
+            ok = False
+            lines.append("the planted full-cache copy passes the limit here: the gate cannot see that regression "
+                         "on this machine")
+    return ok, lines
