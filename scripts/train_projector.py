@@ -10,7 +10,7 @@ weights at load time) are trained. Two phases, both on train-split images only:
    patches -> the shape word (" triangle"). An image then reads to the LM roughly like
    "triangle triangle red red ...", a good start for the end-to-end phase.
 2. end-to-end: next-token loss on the answers of multi-turn conversations
-   (``cspkv.models.training_data``): 3-10 train images shown once, then 4-8 benchmark-style
+   (``cspkv.training.conversations``): 3-10 train images shown once, then 4-8 benchmark-style
    questions about them as chat turns, every answer (the option's text) supervised. Gradients flow through the LM
    into the LoRA and the projector.
 
@@ -58,9 +58,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cspkv.evaluation import easyvqa_tasks as ev  # noqa: E402
+from cspkv.data import easyvqa  # noqa: E402
+from cspkv.models import prompting  # noqa: E402
 from cspkv.models import default_model as dm  # noqa: E402
 from cspkv.models import lora  # noqa: E402
-from cspkv.models import training_data as td  # noqa: E402
+from cspkv.training import conversations as td  # noqa: E402
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -101,7 +103,7 @@ class FeatureCache:
         missing = [i for i in dict.fromkeys(ids) if i not in self.cache]
         for start in range(0, len(missing), 8):
             chunk = missing[start:start + 8]
-            pixels = self.processor.preprocess_images([ev.load_image(self.split, i) for i in chunk])
+            pixels = self.processor.preprocess_images([easyvqa.load_image(self.split, i) for i in chunk])
             hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
             for i, h in zip(chunk, hidden):
                 self.cache[i] = h.to(torch.float16)
@@ -110,7 +112,7 @@ class FeatureCache:
 
 def foreground_mask(image_id: int) -> torch.Tensor:
     """[256] bool: patches (14x14 of the 224 image) mostly covered by the shape."""
-    image = ev.load_image("train", image_id).astype(np.int32)
+    image = easyvqa.load_image("train", image_id).astype(np.int32)
     background = np.median(image.reshape(-1, 3), axis=0)
     fg = np.abs(image - background).sum(-1) > 90
     frac = fg.reshape(16, 14, 16, 14).mean(axis=(1, 3))
@@ -119,11 +121,11 @@ def foreground_mask(image_id: int) -> torch.Tensor:
 
 def word_ids(tokenizer) -> dict[str, int]:
     # First token of " word" (" teal" is " te" + "al"; its first piece stands in for it).
-    return {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ev.COLORS + ev.SHAPES}
+    return {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in easyvqa.COLORS + easyvqa.SHAPES}
 
 
 def align(model, processor, get_features, args) -> None:
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     rng = random.Random(args.seed)
     ids = rng.sample(sorted(labels), args.align_images + 64)
     train_ids, val_ids = ids[:-64], ids[-64:]
@@ -148,7 +150,7 @@ def align(model, processor, get_features, args) -> None:
         ts.append(t)
     x_train, t_train = torch.cat(xs), torch.cat(ts)
     x_val, t_val = batch(val_ids)
-    color_ids = torch.tensor([wid[c] for c in ev.COLORS])
+    color_ids = torch.tensor([wid[c] for c in easyvqa.COLORS])
     log(f"align: features done in {time.time() - t0:.0f}s; "
         f"foreground patch fraction {torch.isin(t_train, color_ids).float().mean():.2f}")
     projector = model.model.multi_modal_projector
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--min-images", type=int, default=3)
     parser.add_argument("--max-images", type=int, default=10)
-    parser.add_argument("--context-format", choices=ev.CONTEXT_FORMATS, default=ev.CONTEXT_FORMAT,
+    parser.add_argument("--context-format", choices=prompting.CONTEXT_FORMATS, default=prompting.CONTEXT_FORMAT,
                         help="how images are written in the training prompts (prefix: steps 1-380 of the committed weights)")
     parser.add_argument("--answers", choices=td.ANSWER_MIXES, default="benchmark",
                         help="answer distribution of the training questions (natural: steps 1-700 of the committed weights)")
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
         p.requires_grad_(True)
     log(f"model loaded in {time.time() - start:.0f}s; projector params "
         f"{sum(p.numel() for p in projector.parameters())}")
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     index, features = train_features(model, processor, labels)
     if not args.continue_from_step:
         align(model, processor, lambda ids: features[[index[i] for i in ids]].float(), args)

@@ -60,9 +60,10 @@ def built(cache_root):
 
 @needs_weight_packages
 def test_vision_parity_with_onnx():
+    from cspkv.models.default_model import locate_packages
     from cspkv.models.vision_convert import vision_parity
 
-    assert vision_parity(n_images=4, seed=0) < PARITY_TOL
+    assert vision_parity(locate_packages().onnx_path, n_images=4, seed=0) < PARITY_TOL
 
 
 @needs_weight_packages

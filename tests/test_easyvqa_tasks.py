@@ -11,6 +11,9 @@ import pytest
 pytest.importorskip("easy_vqa")
 
 from cspkv.evaluation import easyvqa_tasks as ev  # noqa: E402
+from cspkv.evaluation import answers  # noqa: E402
+from cspkv.data import easyvqa  # noqa: E402
+from cspkv.models import prompting  # noqa: E402
 
 N = 200  # the fixed test set's size per task
 
@@ -40,9 +43,9 @@ def test_test_set_is_fixed_and_large_enough(test_sets):
 
 
 def test_splits_never_share_images(test_sets):
-    train_labels, test_labels = ev.load_labels("train"), ev.load_labels("test")
+    train_labels, test_labels = easyvqa.load_labels("train"), easyvqa.load_labels("test")
     assert len(train_labels) > 3000 and len(test_labels) > 800
-    paths = {split: ev._image_paths(split) for split in ev.SPLITS}
+    paths = {split: easyvqa.image_paths(split) for split in easyvqa.SPLITS}
     used_test = {i for samples in test_sets.values() for s in samples for i in s.image_ids}
     for samples in test_sets.values():
         assert all(s.split == "test" and set(s.image_ids) <= set(test_labels) for s in samples)
@@ -62,7 +65,7 @@ def test_image_counts_within_bounds(test_sets):
         assert min(counts) >= ev.MIN_IMAGES and max(counts) <= ev.MAX_IMAGES
         assert len(set(counts)) > 5  # the whole range is used
         for s in samples:
-            assert ev.prompt_text(s).count(ev.IMAGE_TOKEN) == s.n_images == len(s.labels)
+            assert ev.prompt_text(s).count(prompting.IMAGE_TOKEN) == s.n_images == len(s.labels)
             assert len(set(s.image_ids)) == s.n_images
 
 
@@ -75,15 +78,15 @@ def test_answer_to_letter_mapping(test_sets):
             text = ev.prompt_text(s)
             assert f"\n{s.answer}. {s.answer_text}\n" in text + "\n"
             letters.append(s.answer)
-            assert ev.score(s, s.answer) == 1.0
-            assert ev.score(s, f"{s.answer}. {s.answer_text}") == 1.0
-            assert ev.score(s, s.answer_text) == 1.0
+            assert answers.score(s, s.answer) == 1.0
+            assert answers.score(s, f"{s.answer}. {s.answer_text}") == 1.0
+            assert answers.score(s, s.answer_text) == 1.0
             wrong = next(c for c in s.choices if c != s.answer_text)
-            assert ev.score(s, wrong) == 0.0
+            assert answers.score(s, wrong) == 0.0
         assert len(set(letters)) >= 2, f"{task}: the answer letter never varies"
-    assert ev.option_letter(0) == "A" and ev.option_letter(3) == "D"
-    assert ev.extract_choice("(C) three", ["1", "2", "3"]) == "C"
-    assert ev.extract_choice("nothing useful", ["red", "blue"]) is None
+    assert prompting.option_letter(0) == "A" and prompting.option_letter(3) == "D"
+    assert answers.extract_choice("(C) three", ["1", "2", "3"]) == "C"
+    assert answers.extract_choice("nothing useful", ["red", "blue"]) is None
 
 
 def test_answers_consistent_with_labels(test_sets):
@@ -94,8 +97,8 @@ def test_answers_consistent_with_labels(test_sets):
     for s in test_sets["counting"]:
         thing = s.question.removeprefix("How many images show ").rstrip("?").split()
         word = thing[1]
-        index = 0 if word in ev.COLORS else 1
-        assert word in (ev.COLORS if index == 0 else ev.SHAPES)
+        index = 0 if word in easyvqa.COLORS else 1
+        assert word in (easyvqa.COLORS if index == 0 else easyvqa.SHAPES)
         assert int(s.answer_text) == sum(lab[index] == word for lab in s.labels)
     for s in test_sets["attribute"]:
         k = int(s.question.rstrip("?").split()[-1])
@@ -114,13 +117,13 @@ def test_answers_consistent_with_labels(test_sets):
     for s in test_sets["describe"]:
         (k,) = s.target_images
         assert s.choices is None and s.answer == "a {} {}".format(*s.labels[k - 1])
-        assert ev.score(s, s.answer) == pytest.approx(1.0)
+        assert answers.score(s, s.answer) == pytest.approx(1.0)
 
 
 def test_labels_agree_with_easy_vqa_answers():
     import easy_vqa
 
-    labels = ev.load_labels("test")
+    labels = easyvqa.load_labels("test")
     questions, answers, ids = easy_vqa.get_test_questions()
     for q, a, i in zip(questions, answers, ids):
         if i not in labels:
@@ -172,12 +175,12 @@ def _parse_steps(reply: str) -> tuple[list[tuple[int, list[str]]], str]:
 
 def test_worked_answers_read_the_right_images_and_score(test_sets):
     """The worked reply the default model is trained on, checked against the labels alone."""
-    for task in ev.WORKED_TASKS:
+    for task in answers.WORKED_TASKS:
         for sample in test_sets[task][:60]:
-            reply = ev.worked_answer(sample)
+            reply = answers.worked_answer(sample)
             steps, answer = _parse_steps(reply)
-            assert answer == sample.answer_text == ev.final_answer(reply)
-            assert ev.score(sample, reply) == 1.0
+            assert answer == sample.answer_text == answers.final_answer(reply)
+            assert answers.score(sample, reply) == 1.0
             for k, words in steps:  # every step reads its own image's label
                 label = sample.labels[k - 1]
                 assert [w for w in words if not w.startswith("(")] in ([label[0]], [label[1]], list(label))
@@ -191,20 +194,20 @@ def test_worked_answers_read_the_right_images_and_score(test_sets):
             else:
                 assert tuple(k for k, _ in steps) == sample.target_images
                 assert (steps[0][1] == steps[1][1]) == (answer == "yes")
-    assert ev.worked_answer(test_sets["attribute"][0]) is None
+    assert answers.worked_answer(test_sets["attribute"][0]) is None
 
 
 def test_worked_reply_is_scored_on_its_final_answer_only(test_sets):
     """The steps name options too (image numbers, colours); only the part after ", so " counts."""
     comparison = next(s for s in test_sets["comparison"] if s.answer_text == "no")
     a, b = comparison.target_images
-    assert ev.score(comparison, f"image {a} red, image {b} blue, so no") == 1.0
-    assert ev.score(comparison, f"image {a} red, image {b} red, so yes") == 0.0
-    assert ev.score(comparison, "no") == 1.0  # a direct reply is still read whole
+    assert answers.score(comparison, f"image {a} red, image {b} blue, so no") == 1.0
+    assert answers.score(comparison, f"image {a} red, image {b} red, so yes") == 0.0
+    assert answers.score(comparison, "no") == 1.0  # a direct reply is still read whole
     needle = test_sets["image_needle"][0]
     wrong = next(c for c in needle.choices if c != needle.answer_text)
-    assert ev.score(needle, ev.worked_answer(needle).rsplit(", so ", 1)[0] + f", so {wrong}") == 0.0
-    assert ev.score(needle, ev.worked_answer(needle).rsplit(", so ", 1)[0]) == 0.0  # cut off before answering
+    assert answers.score(needle, answers.worked_answer(needle).rsplit(", so ", 1)[0] + f", so {wrong}") == 0.0
+    assert answers.score(needle, answers.worked_answer(needle).rsplit(", so ", 1)[0]) == 0.0  # cut off before answering
     for choice in needle.choices:  # one step that names a single option is not an answer either
-        assert ev.score(needle, f"image {choice} red circle") == 0.0
-    assert ev.score(needle, needle.answer_text) == 1.0
+        assert answers.score(needle, f"image {choice} red circle") == 0.0
+    assert answers.score(needle, needle.answer_text) == 1.0

@@ -22,7 +22,7 @@ def test_load_images_resizes_and_rejects_what_is_not_an_image(tmp_path):
 
 
 def test_demo_images_are_easyvqa_test_images_with_their_labels():
-    from cspkv.evaluation.easyvqa_tasks import load_image, load_labels
+    from cspkv.data.easyvqa import load_image, load_labels
     from cspkv.models.prompting import DEMO_LABELS
 
     images = demo_images(64)
@@ -41,13 +41,14 @@ def test_prompt_placeholders():
         image_token = "<image>"
 
     prompt = chat_prompt(NoTemplate(), "Which one?", 3)
-    assert prompt.count("<image>") == 3 and prompt.endswith("Which one?")
+    # without a chat template: plain text that ends where the answer goes, as the benchmark's prompts
+    assert prompt.count("<image>") == 3 and prompt.endswith("Which one?\nAnswer:")
     assert prompt.startswith("Image 1: <image> (end of image 1)\nImage 2: <image> (end of image 2)\n")
 
 
 def test_chat_prompt_carries_the_benchmarks_system_message():
     """csp-run's prompts open as the training conversations and benchmark prompts do."""
-    from cspkv.evaluation.easyvqa_tasks import SYSTEM_PROMPT
+    from cspkv.models.prompting import SYSTEM_PROMPT
 
     class Template:
         chat_template = "chatml"

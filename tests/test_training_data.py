@@ -6,10 +6,13 @@ import torch
 from torch import nn
 
 from cspkv.models import lora
-from cspkv.models import training_data as td
+from cspkv.training import conversations as td
 
 easy_vqa = pytest.importorskip("easy_vqa")
 from cspkv.evaluation import easyvqa_tasks as ev  # noqa: E402
+from cspkv.evaluation import answers  # noqa: E402
+from cspkv.data import easyvqa  # noqa: E402
+from cspkv.models import prompting  # noqa: E402
 
 
 class CharTokenizer:
@@ -20,7 +23,7 @@ class CharTokenizer:
 
 
 def _expected_answer(q: td.Question, labels, code_word):
-    """The answer recomputed from the labels alone (independently of training_data's code)."""
+    """The answer recomputed from the labels alone (independently of the conversation builder's code)."""
     import re
 
     numbers = [int(x) for x in re.findall(r"\d+", q.question)]
@@ -34,7 +37,7 @@ def _expected_answer(q: td.Question, labels, code_word):
         return str(matches[0])
     if q.kind == "counting":
         thing = re.match(r"How many images show (?:an?) (\w+)", q.question).group(1)
-        if thing in ev.COLORS:
+        if thing in easyvqa.COLORS:
             return str(sum(label[0] == thing for label in labels))
         return str(sum(label[1] == thing for label in labels))
     if q.kind == "comparison":
@@ -51,7 +54,7 @@ def _expected_answer(q: td.Question, labels, code_word):
 
 def _train_conversations(n: int, **kwargs):
     """(conversation, its images' labels) for seeds 0..n-1 over the train split."""
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     pool = sorted(labels)
     for seed in range(n):
         conv = td.make_conversation(seed, pool, labels, **kwargs)
@@ -59,11 +62,11 @@ def _train_conversations(n: int, **kwargs):
 
 
 def test_conversations_answer_correctly_from_train_images_only():
-    pool = sorted(ev.load_labels("train"))
+    pool = sorted(easyvqa.load_labels("train"))
     kinds = set()
     for conv, image_labels in _train_conversations(300):
         assert 3 <= len(conv.image_ids) <= 10 and set(conv.image_ids) <= set(pool)
-        assert conv.context.count(ev.IMAGE_TOKEN) == len(conv.image_ids)
+        assert conv.context.count(prompting.IMAGE_TOKEN) == len(conv.image_ids)
         assert len({q.question for q in conv.questions}) == len(conv.questions)  # no repeated question
         if conv.code_word is not None:
             assert f"The code word is {conv.code_word}." in conv.context
@@ -79,7 +82,7 @@ def test_conversations_answer_correctly_from_train_images_only():
 
 
 def test_first_turn_is_the_benchmarks_prompt_and_only_answers_are_supervised():
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     conv = td.make_conversation(7, sorted(labels), labels)
     tokenizer = CharTokenizer()
     ids, supervised = td.conversation_tokens(conv, tokenizer, image_tokens=1)
@@ -89,17 +92,17 @@ def test_first_turn_is_the_benchmarks_prompt_and_only_answers_are_supervised():
                                 labels=tuple(labels[i] for i in conv.image_ids), context=conv.context,
                                 question=first.question, choices=first.choices, answer=first.answer,
                                 answer_text=first.answer)
-    assert text.startswith(f"<|im_start|>system\n{td.ev.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+    assert text.startswith(f"<|im_start|>system\n{prompting.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
                            f"{ev.prompt_text(sample_like)}<|im_end|>\n<|im_start|>assistant\n")
-    answers = "".join(chr(t) for t, s in zip(ids, supervised) if s)
-    assert answers == "".join(q.target + "<|im_end|>" for q in conv.questions)
+    supervised_text = "".join(chr(t) for t, s in zip(ids, supervised) if s)
+    assert supervised_text == "".join(q.target + "<|im_end|>" for q in conv.questions)
     for q in conv.questions:  # the option's text scores as the right letter
-        assert ev.score(sample_like.__class__(**{**sample_like.__dict__, "choices": q.choices, "answer": q.answer,
+        assert answers.score(sample_like.__class__(**{**sample_like.__dict__, "choices": q.choices, "answer": q.answer,
                                                  "question": q.question}), q.target) == pytest.approx(1.0)
 
 
 def test_conversations_are_seeded():
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     pool = sorted(labels)
     assert td.make_conversation("0:5", pool, labels) == td.make_conversation("0:5", pool, labels)
     assert td.make_conversation("0:5", pool, labels) != td.make_conversation("0:6", pool, labels)
@@ -169,26 +172,26 @@ def test_lora_file_for_another_model_is_refused_whole():
 
 
 def test_training_contexts_use_the_benchmarks_image_lines_and_the_earlier_format_on_request():
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     pool = sorted(labels)
     for seed in range(40):
         conv = td.make_conversation(seed, pool, labels)
-        lines = [line for line in conv.context.split("\n") if ev.IMAGE_TOKEN in line]
-        assert lines == [ev.image_line(k) for k in range(1, len(conv.image_ids) + 1)]
-        assert lines[-1].endswith(f"{ev.IMAGE_TOKEN} (end of image {len(lines)})")
+        lines = [line for line in conv.context.split("\n") if prompting.IMAGE_TOKEN in line]
+        assert lines == [prompting.image_line(k) for k in range(1, len(conv.image_ids) + 1)]
+        assert lines[-1].endswith(f"{prompting.IMAGE_TOKEN} (end of image {len(lines)})")
         old = td.make_conversation(seed, pool, labels, context_format="prefix")
         # The same draw (images, needle, questions); only the image lines differ.
         assert old.image_ids == conv.image_ids and old.questions == conv.questions
-        assert [line for line in old.context.split("\n") if ev.IMAGE_TOKEN in line] == [
-            f"Image {k}: {ev.IMAGE_TOKEN}" for k in range(1, len(conv.image_ids) + 1)]
+        assert [line for line in old.context.split("\n") if prompting.IMAGE_TOKEN in line] == [
+            f"Image {k}: {prompting.IMAGE_TOKEN}" for k in range(1, len(conv.image_ids) + 1)]
     with pytest.raises(ValueError, match="unknown context format 'suffix'"):
-        ev.image_line(1, "suffix")
+        prompting.image_line(1, "suffix")
 
 
 def test_benchmark_answer_mix_matches_the_benchmarks_answer_distribution():
     """Training answers drawn like the benchmark's: comparison "yes" about half the time (random
     pairs give ~25%), counts spread over 0..6 instead of mostly 0 or 1; "natural" keeps the old draw."""
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     pool = sorted(labels)
 
     def answers(mix):
@@ -213,7 +216,7 @@ def test_benchmark_answer_mix_matches_the_benchmarks_answer_distribution():
 def test_worked_replies_one_per_conversation_asked_last():
     """A worked question comes last and alone, so no earlier reply can hand it image readings;
     its target is the benchmark's worked reply; "direct" trains the bare options."""
-    labels = ev.load_labels("train")
+    labels = easyvqa.load_labels("train")
     pool = sorted(labels)
     kinds = set()
     for seed, (conv, image_labels) in enumerate(_train_conversations(200)):
@@ -222,13 +225,13 @@ def test_worked_replies_one_per_conversation_asked_last():
         if not worked:
             continue
         q = conv.questions[-1]
-        assert q is worked[0] and q.kind in ev.WORKED_TASKS
+        assert q is worked[0] and q.kind in answers.WORKED_TASKS
         kinds.add(q.kind)
         expected = _expected_answer(q, image_labels, conv.code_word)
-        assert ev.final_answer(q.target) == expected and q.target.startswith("image ")
+        assert answers.final_answer(q.target) == expected and q.target.startswith("image ")
         assert all(", so " not in other.target for other in conv.questions[:-1])
         direct = td.make_conversation(seed, pool, labels, replies="direct")
         assert all(d.steps is None and ", so " not in d.target for d in direct.questions)
-    assert kinds == set(ev.WORKED_TASKS)
+    assert kinds == set(answers.WORKED_TASKS)
     with pytest.raises(ValueError, match="replies must be one of"):
         td.make_conversation(0, pool, labels, replies="verbose")

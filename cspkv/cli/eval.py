@@ -50,11 +50,11 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     errors: list[str] = []
     try:
         if milebench is None:
-            from cspkv.evaluation import easyvqa_tasks as ev
+            from cspkv.evaluation.easyvqa_tasks import TASKS, check_task
 
-            task_list = list(ev.TASKS) if tasks == "all" else tasks.split(",")
+            task_list = list(TASKS) if tasks == "all" else tasks.split(",")
             for task in task_list:
-                ev._check_task(task)
+                check_task(task)
         else:
             task_list = (sorted(p.name for p in Path(milebench).iterdir() if p.is_dir()) if tasks == "all"
                          else tasks.split(","))

@@ -18,7 +18,12 @@ from typing import Callable
 
 import torch
 
+from cspkv.data.easyvqa import IMAGE_SIZE
 from cspkv.durable import append_line
+from cspkv.evaluation import answers, easyvqa_tasks
+from cspkv.evaluation import milebench as mb
+from cspkv.export.manifest import model_fingerprint
+from cspkv.models.prompting import load_images
 from cspkv.models.batched_decode import decode_batch
 from cspkv.models.llava import LlavaReference, PrunedCache
 from cspkv.pruning import get_policy
@@ -46,20 +51,19 @@ def prompt_digest(*parts) -> str:
 
 
 def easyvqa_items(tasks: list[str], processor, limit: int) -> list[EvalItem]:
-    from cspkv.evaluation import easyvqa_tasks as ev
 
     items = []
     for task in tasks:
-        for sample in ev.test_samples(task, limit):
+        for sample in easyvqa_tasks.test_samples(task, limit):
             def build(blank, sample=sample):
                 images = None
                 if blank:
-                    images = [torch.zeros(ev.IMAGE_SIZE, ev.IMAGE_SIZE, 3, dtype=torch.uint8).numpy()] * sample.n_images
-                return ev.build_prompt(sample, processor, images=images)
+                    images = [torch.zeros(IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8).numpy()] * sample.n_images
+                return easyvqa_tasks.build_prompt(sample, processor, images=images)
 
-            items.append(EvalItem(task, sample.sample_id, build, lambda reply, s=sample: ev.score(s, reply),
+            items.append(EvalItem(task, sample.sample_id, build, lambda reply, s=sample: answers.score(s, reply),
                                   sample.answer, sample.question_type,
-                                  prompt_digest(ev.prompt_text(sample), sample.image_ids)))
+                                  prompt_digest(easyvqa_tasks.prompt_text(sample), sample.image_ids)))
     return items
 
 
@@ -67,9 +71,6 @@ def milebench_items(root, tasks: list[str], processor, limit: int, errors: list[
     """MileBench task folders under ``root`` (official layout); bad samples are skipped and
     reported in ``errors`` so the rest of the run continues."""
     from pathlib import Path
-
-    from cspkv.evaluation import milebench as mb
-    from cspkv.models.prompting import load_images
 
     items = []
     size = getattr(processor, "image_size", 224)
@@ -247,8 +248,6 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
     was loaded from) and the same ``max_new_tokens``.
     """
     import json
-
-    from cspkv.export.manifest import model_fingerprint
 
     reference = LlavaReference(model)
     tokenizer = getattr(processor, "tokenizer", processor)

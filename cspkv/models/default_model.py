@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from cspkv.models import lora
+from cspkv.models.prompting import IMAGE_TOKEN
 from cspkv.models.vision_convert import (
     IMAGE_MEAN,
     IMAGE_SIZE,
@@ -45,7 +46,6 @@ from cspkv.models.vision_convert import (
     normalize_images,
 )
 
-IMAGE_TOKEN = "<image>"
 PROJECTOR_SEED = 0
 PROJECTOR_PATH = Path(__file__).parent / "weights" / "projector.safetensors"
 # A small LoRA of the language model, trained with the projector and merged at load time.

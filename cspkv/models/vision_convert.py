@@ -199,12 +199,9 @@ def onnx_patch_tokens(onnx, pixel_values: np.ndarray) -> np.ndarray:
     return tokens[:, 1:]  # drop CLS, keep the 256 patch tokens
 
 
-def vision_parity(n_images: int = 4, seed: int = 0, onnx_path=None) -> float:
-    """Max abs diff between HF and ONNX patch tokens on random 224x224 RGB images."""
-    if onnx_path is None:
-        from cspkv.models.default_model import locate_packages  # lazy: default_model imports us
-
-        onnx_path = locate_packages().onnx_path
+def vision_parity(onnx_path, n_images: int = 4, seed: int = 0) -> float:
+    """Max abs diff between HF and ONNX patch tokens on random 224x224 RGB images, for the graph at
+    ``onnx_path`` (the default model's: ``default_model.locate_packages().onnx_path``)."""
     rng = np.random.default_rng(seed)
     pixels = normalize_images(rng.integers(0, 256, size=(n_images, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
     onnx_model = _load_model(onnx_path)

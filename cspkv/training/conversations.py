@@ -14,7 +14,10 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from cspkv.evaluation import easyvqa_tasks as ev
+from cspkv.data.easyvqa import COLORS, SHAPES
+from cspkv.evaluation.answers import comparison_steps, count_steps, needle_steps, worked_reply
+from cspkv.evaluation.easyvqa_tasks import CODE_WORDS, FILLER
+from cspkv.models.prompting import CONTEXT_FORMAT, IMAGE_TOKEN, SYSTEM_PROMPT, image_line, option_letter, question_text
 
 QUESTION_MIX = (  # (kind, weight)
     ("attribute", 0.26),
@@ -32,7 +35,7 @@ class Question:
     question: str
     choices: tuple[str, ...] | None
     answer: str          # option letter, or the reference text for describe
-    steps: str | None = None  # a worked reply's reading before ", so " (easyvqa_tasks.WORKED_TASKS)
+    steps: str | None = None  # a worked reply's reading before ", so " (cspkv.evaluation.answers.WORKED_TASKS)
 
     @property
     def target(self) -> str:
@@ -44,10 +47,10 @@ class Question:
         letter targets did not learn (training accuracy stayed at chance).
         """
         text = self.answer if self.choices is None else self.choices[ord(self.answer) - 65]
-        return text if self.steps is None else ev.worked_reply(self.steps, text)
+        return text if self.steps is None else worked_reply(self.steps, text)
 
     def user_text(self) -> str:
-        return ev.question_text(self.question, self.choices)
+        return question_text(self.question, self.choices)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class Conversation:
 def _options(rng: random.Random, correct: str, distractors: list[str], n: int = 4) -> tuple[tuple[str, ...], str]:
     options = [correct] + rng.sample(distractors, min(n - 1, len(distractors)))
     rng.shuffle(options)
-    return tuple(options), ev.option_letter(options.index(correct))
+    return tuple(options), option_letter(options.index(correct))
 
 
 def _count_question(rng: random.Random, labels: list[tuple[str, str]], a: int, value: str) -> Question:
@@ -70,7 +73,7 @@ def _count_question(rng: random.Random, labels: list[tuple[str, str]], a: int, v
     thing = f"a {value} shape" if a == 0 else f"{'an' if value[0] in 'aeiou' else 'a'} {value}"
     others = [str(c) for c in range(0, n + 1) if c != count and abs(c - count) <= 4]
     return Question("counting", f"How many images show {thing}?", *_options(rng, str(count), others),
-                    steps=ev.count_steps(labels, a, value))
+                    steps=count_steps(labels, a, value))
 
 
 ANSWER_MIXES = ("benchmark", "natural")
@@ -82,7 +85,7 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
     n = len(labels)
     attribute = rng.choice(("colour", "shape"))
     a = 0 if attribute == "colour" else 1
-    values = ev.COLORS if attribute == "colour" else ev.SHAPES
+    values = COLORS if attribute == "colour" else SHAPES
     if kind == "attribute":
         k = rng.randrange(n)
         correct = labels[k][a]
@@ -96,7 +99,7 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
         color, shape = labels[k]
         others = [str(j) for j in range(1, n + 1) if j != k + 1]
         return Question(kind, f"Which image shows the {color} {shape}?", *_options(rng, str(k + 1), others),
-                        steps=ev.needle_steps(labels, k))
+                        steps=needle_steps(labels, k))
     if kind == "counting":
         return _count_question(rng, labels, a, rng.choice(values))
     if kind == "comparison":
@@ -113,12 +116,12 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
             i, j = sorted(rng.sample(range(n), 2))
         same = labels[i][a] == labels[j][a]
         return Question(kind, f"Do image {i + 1} and image {j + 1} show the same {attribute}?", ("yes", "no"),
-                        "A" if same else "B", steps=ev.comparison_steps(labels, a, i, j))
+                        "A" if same else "B", steps=comparison_steps(labels, a, i, j))
     if kind == "text_needle":
         if code_word is None:
             return None
         return Question(kind, "What is the code word?",
-                        *_options(rng, code_word, [w for w in ev.CODE_WORDS if w != code_word]))
+                        *_options(rng, code_word, [w for w in CODE_WORDS if w != code_word]))
     if kind == "describe":
         k = rng.randrange(n)
         color, shape = labels[k]
@@ -128,17 +131,17 @@ def _question(kind: str, rng: random.Random, labels: list[tuple[str, str]], code
 
 def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, max_images: int = 10,
                       n_questions: tuple[int, int] = (4, 8), needle_prob: float = 0.3,
-                      context_format: str = ev.CONTEXT_FORMAT, answers: str = "benchmark",
+                      context_format: str = CONTEXT_FORMAT, answers: str = "benchmark",
                       replies: str = "worked") -> Conversation:
     """One seeded conversation over train-split images ``pool`` (``labels``: id -> (colour, shape)).
 
-    ``context_format`` is how each image line is written (:func:`easyvqa_tasks.image_line`).
+    ``context_format`` is how each image line is written (:func:`cspkv.models.prompting.image_line`).
     ``answers="benchmark"`` gives answers the benchmark's distribution: comparison "yes" half the
     time, and counting only through the set's drawn count (uniform 0..min(n, 6)). ``"natural"``
     (what steps 1-700 of the committed weights saw) asks about random pairs and values, so 74% of
     comparisons are "no" and more than half the counts are 0 or 1: a prior alone scores well there.
     ``replies="worked"`` trains needle, counting and comparison answers written out image by
-    image (:func:`easyvqa_tasks.worked_reply`); ``"direct"`` (steps 1-700) trains the bare option.
+    image (:func:`cspkv.evaluation.answers.worked_reply`); ``"direct"`` (steps 1-700) trains the bare option.
     Only re-running those early steps needs anything but the defaults."""
     if answers not in ANSWER_MIXES:
         raise ValueError(f"answers must be one of {ANSWER_MIXES}, got {answers!r}")
@@ -151,7 +154,7 @@ def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, 
         # Half the sets are drawn like the benchmark's counting prompts (a count uniform in
         # 0..min(n, 6) of one value); random sets would almost always count 0 or 1.
         a = rng.randrange(2)
-        value = rng.choice(ev.COLORS if a == 0 else ev.SHAPES)
+        value = rng.choice(COLORS if a == 0 else SHAPES)
         count = rng.randint(0, min(n, 6))
         has = rng.sample([i for i in pool if labels[i][a] == value], count)
         hasnt = rng.sample([i for i in pool if labels[i][a] != value], n - count)
@@ -165,13 +168,13 @@ def make_conversation(seed, pool: list[int], labels: dict, min_images: int = 3, 
     lines = []
     needle_after = rng.randrange(1, n) if n >= 2 and rng.random() < needle_prob else None
     if needle_after is not None:
-        code_word = rng.choice(ev.CODE_WORDS)
-    for k in range(1, n + 1):  # the benchmark's context layout (_context in easyvqa_tasks)
-        lines.append(ev.image_line(k, context_format))
+        code_word = rng.choice(CODE_WORDS)
+    for k in range(1, n + 1):  # the benchmark's context layout (easyvqa_tasks._context)
+        lines.append(image_line(k, context_format))
         if needle_after == k:
             lines.append(f"The code word is {code_word}.")
         elif needle_after is not None:
-            lines.append(rng.choice(ev.FILLER))
+            lines.append(rng.choice(FILLER))
     questions: list[Question] = []
     wanted = rng.randint(*n_questions)
     if code_word is not None:  # the needle's question always comes, at a random turn
@@ -209,14 +212,14 @@ def conversation_tokens(conversation: Conversation, tokenizer, image_tokens: int
     :func:`cspkv.evaluation.easyvqa_tasks.build_prompt` gives the benchmark.
     """
     def encode(text: str) -> list[int]:
-        return tokenizer(text.replace(ev.IMAGE_TOKEN, ev.IMAGE_TOKEN * image_tokens), add_special_tokens=False)["input_ids"]
+        return tokenizer(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens), add_special_tokens=False)["input_ids"]
 
     ids: list[int] = []
     supervised: list[bool] = []
     newline = encode("\n")
     for turn, q in enumerate(conversation.questions):
         user = (conversation.context + "\n" if turn == 0 else "") + q.user_text()
-        head = (f"<|im_start|>system\n{ev.SYSTEM_PROMPT}<|im_end|>\n" if turn == 0 else "") + \
+        head = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n" if turn == 0 else "") + \
             f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         piece = encode(head)
         ids += piece
