@@ -34,7 +34,7 @@ def main():
     from cspkv.models.llava import LlavaReference
     from cspkv.models.prompting import chat_prompt, demo_images
     from cspkv.pruning import get_policy
-    from cspkv.runtime.pipeline import OnnxPipeline
+    from cspkv.engines.onnx_runtime import OnnxPipeline
 
     model, processor = load_default_model()
     images = (demo_images() * 4)[: args.images]
@@ -48,12 +48,12 @@ def main():
         start = time.perf_counter()
         manifest = export_model(model, folder, plan, "default", force=True, processor=processor)
         export_s = time.perf_counter() - start
-        pipeline = OnnxPipeline(folder, policy="ring")
+        pipeline = OnnxPipeline(folder, eviction="ring")
         run = pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=args.new_tokens)
         reference = LlavaReference(model)
         prefill = reference.prefill(ids, pixels, {args.policy: get_policy(args.policy)})
         pruned = reference.prune(prefill, args.policy, budget)
-        decoded = reference.decode(pruned, int(prefill.logits[0].argmax()), args.new_tokens, mode="ring",
+        decoded = reference.decode(pruned, int(prefill.logits[0].argmax()), args.new_tokens, eviction="ring",
                                    decode_slots=pipeline.n_slots - pruned.n_entries)
         ref_logits = [prefill.logits[0].numpy()] + [l.numpy() for l in decoded.logits]
         ours, theirs = run.kept, pruned.positions.numpy()

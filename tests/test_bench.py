@@ -131,7 +131,7 @@ def test_latency_gate_needs_the_runtime_under_and_the_planted_copy_over_its_limi
 def test_pipeline_step_with_the_planted_copy_gives_the_same_logits(exports):
     """The planted variant is slower, not different: the gate compares equal work."""
     from cspkv.models.tiny import multi_image_prompt
-    from cspkv.runtime.pipeline import OnnxPipeline
+    from cspkv.engines.onnx_runtime import OnnxPipeline
 
     ids, pixels = multi_image_prompt(3, seed=1)
     plain = OnnxPipeline(exports("gqa", "csp", 0.5)).generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=6)

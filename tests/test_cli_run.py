@@ -9,7 +9,7 @@ from PIL import Image
 from cspkv.cli.run import main as csp_run
 from cspkv.engines.onnx_runtime import OrtEngine
 from cspkv.models.tiny import multi_image_prompt
-from cspkv.runtime.pipeline import OnnxPipeline
+from cspkv.engines.onnx_runtime import OnnxPipeline
 
 
 def _error_line(result) -> str:
@@ -31,14 +31,14 @@ def no_vision(monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--budget", "0.2"], "--budget 0.2 differs from this export's 0.5 (plan.budget), which was fixed when it was "
                           "exported: drop --budget, or re-run csp-export with --budget 0.2"),
-    (["--prune", "snapkv"], "--prune snapkv differs from this export's csp (plan.policy)"),
-    (["--prune", "nonsense"], "--prune nonsense differs from this export's csp (plan.policy)"),
+    (["--policy", "snapkv"], "--policy snapkv differs from this export's csp (plan.policy)"),
+    (["--policy", "nonsense"], "--policy nonsense differs from this export's csp (plan.policy)"),
     (["--decode-slots", "7"], "--decode-slots 7 differs from this export's 12 (plan.decode_slots)"),
     (["--budget", "2"], "--budget': 2.0 is not in the range 0<x<=1"),
     (["--budget", "0"], "--budget': 0.0 is not in the range 0<x<=1"),
     (["--decode-slots", "-5"], "-5 is not in the range x>=1"),
     (["--max-new-tokens", "0"], "0 is not in the range x>=1"),
-    (["--policy", "unbounded"], "an engine has a fixed number of slots"),
+    (["--eviction", "unbounded"], "an engine has a fixed number of slots"),
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "   "], "--prompt is empty"),
     (["--prompt", "caf\udce9?"], "--prompt is not valid UTF-8 text (byte 0xe9 at character 3)"),
@@ -52,7 +52,7 @@ def test_options_equal_to_the_exports_own_are_accepted(exports):
     folder = exports("gqa", "csp", 0.5)
     plain = CliRunner().invoke(csp_run, ["--engine", str(folder), "--max-new-tokens", "3"])
     same = CliRunner().invoke(csp_run, ["--engine", str(folder), "--max-new-tokens", "3", "--budget", "0.5",
-                                        "--prune", "csp", "--decode-slots", "12"])
+                                        "--policy", "csp", "--decode-slots", "12"])
     assert plain.exit_code == same.exit_code == 0
     assert plain.output.splitlines()[0] == same.output.splitlines()[0]
 

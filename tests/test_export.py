@@ -20,7 +20,7 @@ from cspkv.export.readiness import check_export
 from cspkv.models.llava import LlavaReference
 from cspkv.models.tiny import multi_image_prompt, tiny_llava
 from cspkv.pruning import get_policy
-from cspkv.runtime.pipeline import OnnxPipeline
+from cspkv.engines.onnx_runtime import OnnxPipeline
 
 from conftest import DECODE_SLOTS, P_MAX
 
@@ -29,13 +29,13 @@ CASES = [("gqa", policy, budget) for policy in ("csp", "snapkv", "streaming_llm"
 CASES += [("mha", "csp", budget) for budget in (1.0, 0.5, 0.2)]
 
 
-def reference_run(model, policy, budget, ids, pixels, n_slots, new_tokens=NEW_TOKENS, mode="ring", decode_n=0.0):
+def reference_run(model, policy, budget, ids, pixels, n_slots, new_tokens=NEW_TOKENS, eviction="ring", decode_n=0.0):
     ref = LlavaReference(model)
     prefill = ref.prefill(ids, pixels, {policy: get_policy(policy)})
     pruned = ref.prune(prefill, policy, budget)
     # the export's S slots are shared: a shorter prompt leaves S - C slots for generated tokens
     null = 1 if decode_n > 0 else 0
-    decoded = ref.decode(pruned, int(prefill.logits[0].argmax()), new_tokens, mode=mode,
+    decoded = ref.decode(pruned, int(prefill.logits[0].argmax()), new_tokens, eviction=eviction,
                          decode_slots=n_slots - null - pruned.n_entries, decode_n=decode_n)
     return pruned, [prefill.logits[0].numpy()] + [l.numpy() for l in decoded.logits], decoded.tokens
 

@@ -30,10 +30,10 @@ CSRC = Path(__file__).resolve().parents[1] / "cspkv" / "runtime" / "csrc"
 class Twin:
     """A KVBuffer and a SlotTable driven in lockstep, plus the K/V every valid slot should hold."""
 
-    def __init__(self, L, H, S, D, dtype=np.float32, policy=RING, n_recent=0, n_sink=0,
+    def __init__(self, L, H, S, D, dtype=np.float32, eviction=RING, n_recent=0, n_sink=0,
                  null_logit=None, seed=0):
-        self.buf = KVBuffer(L, H, S, D, dtype, policy, n_recent, n_sink, null_logit)
-        self.ref = SlotTable(L, H, S, policy, n_recent, n_sink, null_logit)
+        self.buf = KVBuffer(L, H, S, D, dtype, eviction, n_recent, n_sink, null_logit)
+        self.ref = SlotTable(L, H, S, eviction, n_recent, n_sink, null_logit)
         self.expected_kv = np.zeros(self.buf.kv_shape, dtype)
         self.rng = np.random.default_rng(seed)
         self.L, self.H, self.S, self.D, self.dtype = L, H, S, D, np.dtype(dtype)
@@ -105,7 +105,7 @@ class Twin:
 # ---- scripted sequences ----
 
 def test_ring_overflow_evicts_oldest_generated():
-    t = Twin(1, 2, 4, 3, policy=RING)
+    t = Twin(1, 2, 4, 3, eviction=RING)
     t.prefill(2, 10, n_valid=np.array([[2, 1]]))
     expected = [[2, 1], [3, 2], [2, 3], [3, 1], [2, 2], [3, 3]]  # worked out by hand
     for i, want in enumerate(expected):
@@ -116,7 +116,7 @@ def test_ring_overflow_evicts_oldest_generated():
 
 
 def test_ring_without_decode_slots_raises_and_changes_nothing():
-    t = Twin(1, 2, 3, 2, policy=RING)
+    t = Twin(1, 2, 3, 2, eviction=RING)
     t.prefill(3, 3, n_valid=np.array([[2, 3]]))
     before = t.buf.position
     with pytest.raises(NoEvictableSlotError, match="no free slot") as err:
@@ -128,7 +128,7 @@ def test_ring_without_decode_slots_raises_and_changes_nothing():
 
 
 def test_rescore_protects_recent_and_sink_tokens():
-    t = Twin(1, 1, 4, 2, policy=RESCORE, n_recent=1, n_sink=1)
+    t = Twin(1, 1, 4, 2, eviction=RESCORE, n_recent=1, n_sink=1)
     positions = np.array([[[0, 1, 2]]])
     kv = t.random_kv((1, 2, 1, 3, 2))
     scores = np.array([[[5.0, 1.0, 3.0]]], np.float32)
@@ -142,7 +142,7 @@ def test_rescore_protects_recent_and_sink_tokens():
     t.accumulate(np.array([[[0.0, 3.5, 0.0, 0.0]]], np.float32))
     assert t.step(6)[0, 0] == 1  # a tie (3.5) goes to the lower slot
     t.check()
-    t2 = Twin(1, 1, 2, 1, policy=RESCORE, n_recent=10)
+    t2 = Twin(1, 1, 2, 1, eviction=RESCORE, n_recent=10)
     t2.step(0), t2.step(1)
     assert t2.step(2) is None  # everything is recent
 
@@ -161,7 +161,7 @@ def test_null_slot_bias_and_zero_kv():
 
 
 def test_reset_clears_everything_but_keeps_the_buffer():
-    t = Twin(2, 1, 4, 2, policy=RESCORE, null_logit=0.0, seed=3)
+    t = Twin(2, 1, 4, 2, eviction=RESCORE, null_logit=0.0, seed=3)
     t.prefill(2, 6)
     t.step(6), t.accumulate()
     t.buf.kv[:, :, :, -1, :] = 1.0  # scribble on the null slot through the raw view
@@ -260,7 +260,7 @@ BAD_CALLS = _bad_calls()
 @pytest.mark.parametrize("case", sorted(BAD_CALLS))
 def test_bad_input_gives_clear_error_and_buffer_stays_usable(case):
     call, exc, pattern = BAD_CALLS[case]
-    t = Twin(L_, H_, S_, D_, policy=RING, seed=1)
+    t = Twin(L_, H_, S_, D_, eviction=RING, seed=1)
     t.prefill(1, 1, n_valid=np.ones((L_, H_), int))  # prompt position 0, prompt_len 1
     t.step(1)
     with pytest.raises(exc, match=pattern):
@@ -298,7 +298,7 @@ def test_random_sequences_match_reference(data):
         S=data.draw(st.integers(2 if null else 1, 8), "slots"),
         D=data.draw(st.integers(1, 4), "head_dim"),
         dtype=data.draw(st.sampled_from([np.float32, np.float16]), "dtype"),
-        policy=data.draw(st.sampled_from([RING, RESCORE]), "policy"),
+        eviction=data.draw(st.sampled_from([RING, RESCORE]), "eviction"),
         n_recent=data.draw(st.integers(0, 3), "n_recent"),
         n_sink=data.draw(st.integers(0, 3), "n_sink"),
         null_logit=data.draw(st.floats(-4, 4, width=32), "null_logit") if null else None,

@@ -75,7 +75,7 @@ def test_window_scores_match_hf_eager_attention(model, chunk_rows, monkeypatch):
 
 
 def test_prefill_without_window_mass(model, monkeypatch):
-    """window_mass=False changes no score; the re-score decode mode (the mass's only reader) then
+    """window_mass=False changes no score; the re-score eviction (the mass's only reader) then
     refuses clearly; policies that read no attention then need no window logits at all."""
     ids, pixels = multi_image_prompt(2, seed=4)
     ref = LlavaReference(model)
@@ -88,10 +88,10 @@ def test_prefill_without_window_mass(model, monkeypatch):
     pruned = ref.prune(without, "csp", 0.5)
     assert pruned.mass is None
     first = int(without.logits[0].argmax())
-    assert ref.decode(pruned, first, 6, mode="ring", decode_slots=3).tokens == \
-        ref.decode(ref.prune(with_mass, "csp", 0.5), first, 6, mode="ring", decode_slots=3).tokens
+    assert ref.decode(pruned, first, 6, eviction="ring", decode_slots=3).tokens == \
+        ref.decode(ref.prune(with_mass, "csp", 0.5), first, 6, eviction="ring", decode_slots=3).tokens
     with pytest.raises(ValueError, match="rescore.*window_mass=True"):
-        ref.decode(pruned, first, 6, mode="rescore", decode_slots=3)
+        ref.decode(pruned, first, 6, eviction="rescore", decode_slots=3)
 
     calls = []
     monkeypatch.setattr("cspkv.models.llava.causal_window_logits", lambda *a: calls.append(1))
@@ -116,16 +116,16 @@ def hf_decode_over(model, keys, values, token, position):
     return out.logits[0, -1].float(), new_k, new_v
 
 
-@pytest.mark.parametrize("mode,slots", [("unbounded", None), ("ring", 5)])
-def test_pruned_decoding_matches_hf_over_the_same_cache(model, mode, slots):
+@pytest.mark.parametrize("eviction,slots", [("unbounded", None), ("ring", 5)])
+def test_pruned_decoding_matches_hf_over_the_same_cache(model, eviction, slots):
     """Decoding over the pruned cache equals HF decoding over an explicitly built cache holding
-    the kept prompt entries plus the generated tokens the mode keeps (ring: the last `slots`)."""
+    the kept prompt entries plus the generated tokens the eviction keeps (ring: the last `slots`)."""
     ids, pixels = multi_image_prompt(3, seed=2)
     ref = LlavaReference(model)
     prefill = ref.prefill(ids, pixels, {"csp": get_policy("csp")})
     pruned = ref.prune(prefill, "csp", 0.3)
     first = int(prefill.logits[0].argmax())
-    ours = ref.decode(pruned, first, 20, mode=mode, decode_slots=slots)
+    ours = ref.decode(pruned, first, 20, eviction=eviction, decode_slots=slots)
     generated_k, generated_v = [], []
     tokens = [first]
     for step in range(19):
@@ -144,17 +144,17 @@ def test_pruned_decoding_matches_hf_over_the_same_cache(model, mode, slots):
     assert ours.slots == pruned.n_entries + (slots or 20)
 
 
-def test_bounded_modes_equal_unbounded_until_the_slots_overflow(model):
+def test_bounded_evictions_equal_unbounded_until_the_slots_overflow(model):
     ids, pixels = multi_image_prompt(2, seed=3)
     ref = LlavaReference(model)
     prefill = ref.prefill(ids, pixels, {"snapkv": get_policy("snapkv")})
     pruned = ref.prune(prefill, "snapkv", 0.5)
     first = int(prefill.logits[0].argmax())
     unbounded = ref.decode(pruned, first, 24)
-    for mode in ("ring", "rescore"):
-        roomy = ref.decode(pruned, first, 24, mode=mode, decode_slots=23)
+    for eviction in ("ring", "rescore"):
+        roomy = ref.decode(pruned, first, 24, eviction=eviction, decode_slots=23)
         assert roomy.tokens == unbounded.tokens
-        tight = ref.decode(pruned, first, 24, mode=mode, decode_slots=4)
+        tight = ref.decode(pruned, first, 24, eviction=eviction, decode_slots=4)
         assert len(tight.tokens) == 24 and tight.slots == pruned.n_entries + 4
         # the first tokens before overflow (4 decode slots -> 4 steps) agree exactly
         for a, b in zip(tight.logits[:4], unbounded.logits[:4]):
@@ -228,10 +228,10 @@ def test_bad_input_gets_a_clear_error(model):
         generate_from_ids(model, ids, pixels, budget=0.0)
     with pytest.raises(ValueError, match="unknown policy"):
         generate_from_ids(model, ids, pixels, policy="magic")
-    with pytest.raises(ValueError, match="mode must be one of"):
-        generate_from_ids(model, ids, pixels, mode="sometimes")
+    with pytest.raises(ValueError, match="eviction must be one of"):
+        generate_from_ids(model, ids, pixels, eviction="sometimes")
     with pytest.raises(ValueError, match="decode_slots must be >= 1"):
-        generate_from_ids(model, ids, pixels, mode="ring")
+        generate_from_ids(model, ids, pixels, eviction="ring")
     with pytest.raises(ValueError, match="full cache keeps every entry"):
         generate_from_ids(model, ids, pixels, policy="full", budget=0.5)
     long_ids = torch.cat([ids] * 40, dim=1)

@@ -8,20 +8,20 @@ import pytest
 
 from cspkv.runtime.manifest import ManifestError
 from cspkv.models.tiny import multi_image_prompt
-from cspkv.runtime.pipeline import OnnxPipeline
+from cspkv.engines.onnx_runtime import OnnxPipeline
 from test_export import reference_run
 
 NEW_TOKENS = 64
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.2])
-@pytest.mark.parametrize("policy", ["ring", "rescore"])
-def test_runtime_equals_reference_with_the_decode_ring_overflowing(models, exports, budget, policy):
-    pipeline = OnnxPipeline(exports("gqa", "csp", budget), policy=policy)
+@pytest.mark.parametrize("eviction", ["ring", "rescore"])
+def test_runtime_equals_reference_with_the_decode_ring_overflowing(models, exports, budget, eviction):
+    pipeline = OnnxPipeline(exports("gqa", "csp", budget), eviction=eviction)
     ids, pixels = multi_image_prompt(10, seed=21)               # 227 of 256 prompt tokens
     result = pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=NEW_TOKENS)
     pruned, ref_logits, ref_tokens = reference_run(models["gqa"], "csp", budget, ids, pixels,
-                                                   pipeline.n_slots, NEW_TOKENS, mode=policy)
+                                                   pipeline.n_slots, NEW_TOKENS, eviction=eviction)
     assert pipeline.n_slots - pruned.n_entries < NEW_TOKENS      # the decode slots overflowed
     assert result.tokens == ref_tokens
     assert max(float(np.abs(a - b).max()) for a, b in zip(result.logits, ref_logits)) < 1e-4
@@ -63,10 +63,10 @@ def test_onnx_runtime_reads_the_c_buffer_in_place(exports):
     # kv_ptr + (2 l + p) * block bytes
     block = pipeline.heads * pipeline.n_slots * pipeline.head_dim * 4
     expected = [pipeline.buffer.kv_ptr + i * block for i in range(2 * pipeline.layers)]
-    assert [value.data_ptr() for value in pipeline._kv_values] == expected
+    assert [value.data_ptr() for value in pipeline.engine._kv_values] == expected
     ids, pixels = multi_image_prompt(2, seed=3)
     pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=4)
-    assert [value.data_ptr() for value in pipeline._kv_values] == expected   # never rebound or copied
+    assert [value.data_ptr() for value in pipeline.engine._kv_values] == expected   # never rebound or copied
 
 
 def _rss_bytes() -> int:
@@ -75,7 +75,7 @@ def _rss_bytes() -> int:
 
 
 def test_soak_ten_thousand_decode_steps_keep_memory_flat(exports):
-    pipeline = OnnxPipeline(exports("gqa", "csp", 0.2), policy="rescore")
+    pipeline = OnnxPipeline(exports("gqa", "csp", 0.2), eviction="rescore")
     ids, pixels = multi_image_prompt(4, seed=5)
     pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=200, keep_logits=False)  # warm up
     samples = []
@@ -112,8 +112,8 @@ def test_runtime_refuses_an_export_for_another_abi(exports, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="runtime ABI 999.*re-export"):
         OnnxPipeline(copy)
-    with pytest.raises(ValueError, match="policy must be 'ring' or 'rescore'"):
-        OnnxPipeline(exports("gqa", "csp", 0.5), policy="lru")
+    with pytest.raises(ValueError, match="eviction must be 'ring' or 'rescore'"):
+        OnnxPipeline(exports("gqa", "csp", 0.5), eviction="lru")
 
 
 def test_csp_run_engine_cli(exports):

@@ -232,9 +232,9 @@ def test_device_kv_buffer_on_the_gpu():
 @pytest.mark.skipif(TRT_MISSING is not None or GPU_MISSING is not None,
                     reason=f"needs TensorRT and a GPU: {TRT_MISSING or GPU_MISSING}")
 def test_tensorrt_engines_match_onnx_runtime(exports, tmp_path):
-    from cspkv.engines.precision import convert_export
+    from cspkv.quantize.convert import convert_export
     from cspkv.models.tiny import multi_image_prompt
-    from cspkv.runtime.pipeline import OnnxPipeline
+    from cspkv.engines.onnx_runtime import OnnxPipeline
 
     fp32 = exports("gqa", "csp", 0.5)
     convert_export(fp32, tmp_path / "fp16", "fp16")
@@ -289,7 +289,7 @@ def test_modality_topk_variant_is_one_plugin_node_per_layer(models, topk_variant
 def test_modality_topk_variant_selects_what_the_policy_selects(models, topk_variant):
     """Eager parity: the variant module (op kernel = the plugin's C reference) vs PrefillGraph.
     The ONNX graph itself is not run: ONNX Runtime has no kernel for cspkv::ModalityTopK."""
-    from cspkv.engines.modality_topk_graph import modality_topk_prefill_module, plugin_selection
+    from cspkv.engines.modality_topk_graph import modality_topk_prefill_module
     from cspkv.export.exporter import example_inputs
     from cspkv.export.graphs import PrefillGraph
     from cspkv.models.tiny import multi_image_prompt
@@ -309,8 +309,7 @@ def test_modality_topk_variant_selects_what_the_policy_selects(models, topk_vari
     reference = PrefillGraph(model, get_policy("csp", **plan.policy_params), plan.budget, p, plan.n_slots)
     with torch.no_grad():
         want = reference(*args)
-        with plugin_selection():
-            got = modality_topk_prefill_module(model, plan)(*args)
+        got = modality_topk_prefill_module(model, plan)(*args)
     for a, b, name in zip(got, want, ["logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass"]):
         assert torch.equal(a, b), name
 

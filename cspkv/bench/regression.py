@@ -3,7 +3,7 @@
 What the runtime adds to a decode step is its own work around the graph: choosing the slots, the
 attention bias, binding, writing the new K/V into the C buffer, the mass. The gate times the whole
 step (:meth:`OnnxPipeline.step`) against the bare decode graph run on the same bound buffer
-(``run_with_iobinding``), interleaved round by round in one process, so the CPU, its instruction
+(:meth:`OrtEngine.run_decode_graph`), interleaved round by round in one process, so the CPU, its instruction
 set, its caches and any load from other processes affect both alike. The statistic is the median
 over rounds of (step time / graph time): near 1 when the runtime only does its bookkeeping, well
 above when it does something the size of the cache per step. The planted regression
@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from cspkv.bench.machine import cpu_name
+from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
+from cspkv.export.exporter import ExportPlan, export_model
 
 # Fail above this overhead ratio. Measured on a 2-core AMD EPYC (AVX2, no VNNI), one thread, five
 # runs: the runtime 1.09-1.12 and the planted full-cache copy 1.82-1.95 on an idle machine; 1.10-1.11
@@ -45,8 +49,6 @@ def small_model():
 
 
 def export_small(folder: str | Path) -> None:
-    from cspkv.export.exporter import ExportPlan, export_model
-
     model = small_model()
     plan = ExportPlan.make(model, "csp", {}, 1.0, 1024, 1024, 0.0)
     export_model(model, folder, plan, "latency-check", force=True)
@@ -54,13 +56,10 @@ def export_small(folder: str | Path) -> None:
 
 def measure(folder: str | Path, copy_cache_each_step: bool = False, rounds: int = ROUNDS) -> dict:
     """Median over rounds of (full decode step / bare decode graph), one thread."""
-    from cspkv.engines.onnx_runtime import OrtEngine
-    from cspkv.runtime.pipeline import OnnxPipeline
-
-    pipeline = OnnxPipeline(OrtEngine(folder, threads=1), copy_cache_each_step=copy_cache_each_step)
+    engine = OrtEngine(folder, threads=1, copy_cache_each_step=copy_cache_each_step)
+    pipeline = OnnxPipeline(engine)
     ids = np.array([1] + list(range(100, 500)) * 3)[:900]                # text only (99 is the image token)
     pipeline.generate(ids, None, max_new_tokens=4)                      # fill the cache, warm up
-    session, binding = pipeline.engine.sessions["decode"], pipeline._binding
     position = len(ids) + 4
     ratios, steps, graphs = [], [], []
     for _ in range(rounds):
@@ -70,7 +69,7 @@ def measure(folder: str | Path, copy_cache_each_step: bool = False, rounds: int 
             position += 1                       # the ring overwrites the oldest generated token
         t1 = time.perf_counter()
         for _ in range(STEPS_PER_ROUND):
-            session.run_with_iobinding(binding)
+            engine.run_decode_graph()
         t2 = time.perf_counter()
         steps.append((t1 - t0) / STEPS_PER_ROUND)
         graphs.append((t2 - t1) / STEPS_PER_ROUND)
@@ -91,8 +90,6 @@ def describe(measured: dict, limit: float = LIMIT) -> str:
 def gate(runtime: dict, planted: dict | None, limit: float = LIMIT) -> tuple[bool, list[str]]:
     """The runtime must pass; the planted copy, when measured, must fail (else this machine's gate
     could not see the regression it exists for, and that is a failure too)."""
-    from cspkv.bench.machine import cpu_name
-
     lines = [f"CPU: {cpu_name()} ({platform.machine()})", describe(runtime, limit)]
     ok = runtime["ratio"] <= limit
     if planted is not None:

@@ -3,7 +3,8 @@
 (kvpress runs in its own environment: scripts/bench_kvpress.py.)
 
 Each returns the raw timings (TTFT, every decode step) and the K/V bytes held after the last
-token; :mod:`cspkv.bench.worker` runs one of them in a fresh process so peak RSS is its own.
+token; :mod:`cspkv.bench.worker` runs one of them in a fresh process so peak RSS is its own. Each
+runner imports what it runs inside the function, so a worker process loads only its own runtime.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ def kv_bytes_per_token(config, element_bytes: int = 4) -> int:
 def run_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int, threads: int | None = None,
               on_token=None) -> dict:
     """The fixed-budget runtime: OrtEngine (CPU provider) + the C ring buffer."""
-    from cspkv.engines.onnx_runtime import OrtEngine
-    from cspkv.runtime.pipeline import OnnxPipeline
+    from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
 
     pipeline = OnnxPipeline(OrtEngine(folder, threads=threads))
     result = pipeline.generate(ids, pixels, max_new_tokens=new_tokens, keep_logits=False, on_token=on_token)
@@ -84,7 +84,7 @@ def run_hf_reference(model, ids: np.ndarray, pixels: np.ndarray, new_tokens: int
         pruned = reference.prune(prefill, policy, budget)
         first = int(prefill.logits[0].argmax())
         ttft = time.perf_counter() - start
-        decoded = reference.decode(pruned, first, new_tokens, mode="ring", decode_slots=decode_slots)
+        decoded = reference.decode(pruned, first, new_tokens, eviction="ring", decode_slots=decode_slots)
     held = decoded.slots * kv_bytes_per_token(model.config.text_config)
     return _result(ttft, decoded.step_s, held, tokens=len(decoded.tokens), slots=decoded.slots)
 
@@ -118,8 +118,7 @@ def scaling_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: 
                   threads: int | None = None) -> list[dict]:
     """The same sampling over the fixed-budget runtime (the ring buffer keeps its size)."""
     from cspkv.bench.machine import rss_bytes
-    from cspkv.engines.onnx_runtime import OrtEngine
-    from cspkv.runtime.pipeline import OnnxPipeline
+    from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
 
     pipeline = OnnxPipeline(OrtEngine(folder, threads=threads))
     points, last = [], [time.perf_counter(), 0]

@@ -10,14 +10,7 @@ import click
 
 MIB = 1024 * 1024
 # The reference's defaults; an export fixes its own (plan.budget, plan.policy, plan.decode_slots).
-DEFAULTS = {"budget": 0.5, "prune": "csp", "decode_slots": 16}
-
-
-def demo_question() -> str:
-    """The benchmark's image_needle wording; the blue circle is image 2 of ``demo_images``."""
-    from cspkv.evaluation.easyvqa_tasks import question_text
-
-    return question_text("Which image shows the blue circle?", ("1", "2", "3", "4"))
+DEFAULTS = {"budget": 0.5, "policy": "csp", "decode_slots": 16}
 
 
 def checked_prompt(prompt: str | None, images) -> str | None:
@@ -43,46 +36,47 @@ def checked_prompt(prompt: str | None, images) -> str | None:
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Image file; repeat for several images.")
 @click.option("--prompt", default=None, help="The question (default: a question about built-in demo images).")
-@click.option("--prune", "prune_policy", default=None,
-              help=f"Pruning policy applied after prefill [reference default: {DEFAULTS['prune']}; an engine "
+@click.option("--policy", default=None,
+              help=f"Pruning policy applied after prefill [reference default: {DEFAULTS['policy']}; an engine "
                    "prunes as it was exported].")
 @click.option("--budget", type=click.FloatRange(0, 1, min_open=True), default=None,
               help=f"Fraction of prompt KV entries kept, in (0, 1] [reference default: {DEFAULTS['budget']}; "
                    "fixed by an export].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--policy", type=click.Choice(["ring", "rescore", "unbounded"]), default="ring", show_default=True,
-              help="Decode slots: overwrite the oldest generated token, evict the lowest-scored, or grow.")
+@click.option("--eviction", type=click.Choice(["ring", "rescore", "unbounded"]), default="ring", show_default=True,
+              help="When the decode slots are full: overwrite the oldest generated token, evict the lowest-scored, "
+                   "or grow (reference only).")
 @click.option("--decode-slots", type=click.IntRange(min=1), default=None,
               help=f"Slots for generated tokens (ring/rescore) [reference default: {DEFAULTS['decode_slots']}; "
                    "fixed by an export].")
-def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, policy, decode_slots):
+def main(engine, model, images, prompt, policy, budget, max_new_tokens, eviction, decode_slots):
     """Generate with KV pruning after prefill and a fixed number of decode slots."""
     prompt = checked_prompt(prompt, images)
     if engine is not None:
         if model is not None:
             raise click.UsageError("give either --engine DIR or --model NAME, not both")
-        if policy == "unbounded":
-            raise click.UsageError("an engine has a fixed number of slots: use --policy ring or rescore")
-        return _run_engine(engine, images, prompt, max_new_tokens, policy,
-                           {"budget": budget, "prune": prune_policy, "decode_slots": decode_slots})
+        if eviction == "unbounded":
+            raise click.UsageError("an engine has a fixed number of slots: use --eviction ring or rescore")
+        return _run_engine(engine, images, prompt, max_new_tokens, eviction,
+                           {"budget": budget, "policy": policy, "decode_slots": decode_slots})
     if model is None:
         raise click.UsageError("give --model default|tiny|PATH (PyTorch reference) or --engine DIR")
     budget = DEFAULTS["budget"] if budget is None else budget
-    prune_policy = prune_policy or DEFAULTS["prune"]
+    policy = policy or DEFAULTS["policy"]
     decode_slots = DEFAULTS["decode_slots"] if decode_slots is None else decode_slots
     from cspkv.models.llava import generate, generate_from_ids
     from cspkv.models.registry import ModelNotFound, load_model
     from cspkv.pruning import available_policies
 
-    if prune_policy not in available_policies():
-        raise click.UsageError(f"--prune {prune_policy!r} is not a pruning policy; choose one of "
+    if policy not in available_policies():
+        raise click.UsageError(f"--policy {policy!r} is not a pruning policy; choose one of "
                                f"{', '.join(available_policies())}")
     try:
         net, processor, _ = load_model(model)
     except (ModelNotFound, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
-    decode = dict(policy=prune_policy, budget=budget, max_new_tokens=max_new_tokens, mode=policy,
-                  decode_slots=None if policy == "unbounded" else decode_slots)
+    decode = dict(policy=policy, budget=budget, max_new_tokens=max_new_tokens, eviction=eviction,
+                  decode_slots=None if eviction == "unbounded" else decode_slots)
     start = time.perf_counter()
     try:
         if processor is None:                    # the tiny model: a synthetic multi-image prompt
@@ -94,7 +88,7 @@ def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, po
             result = generate_from_ids(net, ids, pixels, **decode)
             answer = " ".join(map(str, result.tokens))
         else:
-            from cspkv.models.prompting import chat_prompt, demo_images, load_images
+            from cspkv.models.prompting import chat_prompt, demo_images, demo_question, load_images
 
             size = getattr(processor, "image_size", None) or net.config.vision_config.image_size
             pictures = load_images(images, size) if images else demo_images(size)
@@ -110,7 +104,7 @@ def main(engine, model, images, prompt, prune_policy, budget, max_new_tokens, po
     full_bytes = (result.prompt_len + len(result.tokens)) * per_slot
     click.echo(answer)
     click.echo(f"[{model}] prompt {result.prompt_len} tokens | kept {result.kept_per_layer[0]} entries per layer "
-               f"and KV head ({prune_policy}, budget {budget}) | {len(result.tokens)} tokens in {elapsed:.1f}s | "
+               f"and KV head ({policy}, budget {budget}) | {len(result.tokens)} tokens in {elapsed:.1f}s | "
                f"KV {result.slots * per_slot / MIB:.2f} MiB fixed ({result.slots} slots) vs "
                f"{full_bytes / MIB:.2f} MiB full cache", err=True)
 
@@ -119,7 +113,7 @@ def refuse_export_overrides(plan: dict, given: dict) -> None:
     """An export fixed its budget, pruning policy and decode slots at export time: a different value
     on the command line is refused rather than silently ignored."""
     fixed = {"budget": ("--budget", plan["budget"], "plan.budget"),
-             "prune": ("--prune", plan["policy"], "plan.policy"),
+             "policy": ("--policy", plan["policy"], "plan.policy"),
              "decode_slots": ("--decode-slots", plan["decode_slots"], "plan.decode_slots")}
     for key, value in given.items():
         flag, exported, field = fixed[key]
@@ -128,14 +122,14 @@ def refuse_export_overrides(plan: dict, given: dict) -> None:
                                    f"when it was exported: drop {flag}, or re-run csp-export with {flag} {value}")
 
 
-def _run_engine(folder, images, prompt, max_new_tokens, policy, given):
+def _run_engine(folder, images, prompt, max_new_tokens, eviction, given):
     from cspkv.export.exporter import load_processor
     from cspkv.runtime.manifest import ManifestError, read_manifest
-    from cspkv.runtime.pipeline import OnnxPipeline
+    from cspkv.engines.onnx_runtime import OnnxPipeline
 
     try:
         refuse_export_overrides(read_manifest(folder, verify_hashes=False)["plan"], given)
-        pipeline = OnnxPipeline(folder, policy=policy)
+        pipeline = OnnxPipeline(folder, eviction=eviction)
     except (ManifestError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     manifest = pipeline.manifest
@@ -157,7 +151,7 @@ def _run_engine(folder, images, prompt, max_new_tokens, policy, given):
             ids, pixels, decode = ids[0].numpy(), pixels.numpy(), str
             eos = None
         else:
-            from cspkv.models.prompting import chat_prompt, demo_images, load_images
+            from cspkv.models.prompting import chat_prompt, demo_images, demo_question, load_images
 
             size = plan["image_size"]
             pictures = load_images(images, size) if images else demo_images(size)
@@ -174,6 +168,4 @@ def _run_engine(folder, images, prompt, max_new_tokens, policy, given):
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo()
-    click.echo(f"[{manifest['model'].get('id', folder)}] prompt {result.prompt_len} tokens | TTFT {result.ttft_s * 1e3:.0f} ms | "
-               f"{result.tokens_per_s:.1f} tokens/s | KV {result.kv_bytes / MIB:.2f} MiB fixed vs "
-               f"{result.full_kv_bytes / MIB:.2f} MiB full cache", err=True)
+    click.echo(f"[{manifest['model'].get('id', folder)}] {result.summary()}", err=True)

@@ -29,17 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cspkv.runtime.kv_buffer import (
-    ALLOC_FN,
-    COPY_FN,
-    FREE_FN,
-    Allocator,
-    KVBuffer,
-    _check,
-    _int,
-    _INT64,
-    _numbers,
-)
+from cspkv.runtime.kv_buffer import ALLOC_FN, COPY_FN, FREE_FN, Allocator, KVBuffer
 
 CUDA_MEMCPY_DEFAULT = 4          # cudaMemcpyDefault: direction inferred from the pointers (UVA)
 CUDA_DEV_ATTR_CC_MAJOR = 75      # cudaDevAttrComputeCapabilityMajor
@@ -213,7 +203,7 @@ class DeviceKVBuffer(KVBuffer):
     """KVBuffer whose K/V memory is cudaMalloc'd device memory (slot table on the host)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_slots: int, head_dim: int, dtype=np.float32,
-                 policy: str = "ring", n_recent: int = 0, n_sink: int = 0, null_logit: float | None = None,
+                 eviction: str = "ring", n_recent: int = 0, n_sink: int = 0, null_logit: float | None = None,
                  cuda: CudaRuntime | None = None):
         self.cuda = cuda or CudaRuntime()
         # hook state in its own object: the hooks must not reference self (the C buffer's handle
@@ -238,26 +228,18 @@ class DeviceKVBuffer(KVBuffer):
 
         self._hooks = (ALLOC_FN(alloc), FREE_FN(free), COPY_FN(copy))
         allocator = Allocator(*self._hooks, None)
-        super().__init__(n_layers, n_kv_heads, n_slots, head_dim, dtype, policy, n_recent, n_sink, null_logit,
+        super().__init__(n_layers, n_kv_heads, n_slots, head_dim, dtype, eviction, n_recent, n_sink, null_logit,
                          allocator=allocator)
         self._handle.hooks = self._hooks     # alive as long as the C buffer (destroy calls free)
 
     def load_prefill_in_place(self, positions, modality, n_valid, prompt_len: int, scores=None) -> None:
         """The slot table of a prefill whose engine wrote K/V [layers, 2, 1, H, S, D] straight into
         this buffer (``kv_ptr``): entry j of (layer, head) in slot j, as load_prefill places it."""
-        L, H, S = self.shape
-        c, positions, modality, n_valid, scores, prompt_len = self._prefill_tables(
-            positions, modality, n_valid, scores, prompt_len)
-        nbytes = L * 2 * H * c * self.head_dim * self.dtype.itemsize
         self._hook_state.skip_caller_copies = True
         try:
-            status = self._lib.cspkv_load_prefill(
-                self._ptr(), c, self.kv_ptr, nbytes, positions.ctypes.data, modality.ctypes.data,
-                None if scores is None else scores.ctypes.data, positions.size, n_valid.ctypes.data,
-                n_valid.size, prompt_len)
+            self.load_prefill_from(self.kv_ptr, positions, modality, n_valid, prompt_len, scores)
         finally:
             self._hook_state.skip_caller_copies = False
-        _check(self._lib, "cspkv_load_prefill", status, f"C={c}, usable slots={self.n_usable}", self._ptr())
 
     @property
     def copies(self) -> int:
@@ -267,29 +249,25 @@ class DeviceKVBuffer(KVBuffer):
     def write_token_device(self, slots, kv_delta_ptr: int, position: int, modality: int = 0) -> None:
         """write_token from K/V [layers, 2, 1, H, 1, D] at a device (or host) address.
 
-        When every (layer, head) writes the same slot (the ring policy's usual case) the 2*L*H rows go
+        When every (layer, head) writes the same slot (the ring eviction's usual case) the 2*L*H rows go
         in one strided cudaMemcpy2D (source pitch D, destination pitch S*D) and the library only
         commits the slot table; otherwise the library copies row by row through the hook."""
         L, H, S = self.shape
-        slots = _numbers("slots", slots, np.int32, (L, H))
-        position = _int("position", position, 0, _INT64.max)
-        modality = _int("modality", modality, 0, np.iinfo(np.int8).max)
+        slots = np.asarray(slots)
         row = self.head_dim * self.dtype.itemsize
-        nbytes = L * 2 * H * row
         pending = getattr(self, "_pending", None)
-        uniform = (pending is not None and pending[0] == position and np.array_equal(pending[1], slots)
-                   and bool((slots == slots.flat[0]).all()) and 0 <= int(slots.flat[0]) < S)
+        uniform = (pending is not None and pending[0] == position and slots.shape == (L, H)
+                   and np.array_equal(pending[1], slots) and bool((slots == slots.flat[0]).all())
+                   and 0 <= int(slots.flat[0]) < S)
         if uniform and hasattr(self.cuda, "copy2d"):   # only into the slots the library chose (free)
             status = self.cuda.copy2d(self.kv_ptr + int(slots.flat[0]) * row, S * row, kv_delta_ptr, row, row, 2 * L * H)
             if status != 0:
                 raise RuntimeError(f"cudaMemcpy2D of the new token's K/V failed (cudaError {status})")
             self._hook_state.skip_caller_copies = True
         try:
-            status = self._lib.cspkv_write_token(self._ptr(), slots.ctypes.data, slots.size, kv_delta_ptr, nbytes,
-                                                 position, modality)
+            self.write_token_from(slots, kv_delta_ptr, position, modality)
         finally:
             self._hook_state.skip_caller_copies = False
-        _check(self._lib, "cspkv_write_token", status, f"slots={slots.tolist()}, position={position}", self._ptr())
         self._pending = None
 
     def choose_write_slots(self, position: int) -> np.ndarray:

@@ -1,10 +1,10 @@
 """The prefill graph variant whose CSP ("distinct") top-k selection is one ``cspkv::ModalityTopK`` node,
 the TensorRT plugin of cspkv/engines/plugin (ModalityTopKPlugin.h), instead of the ~20 ONNX ops
-(TopK over the whole axis, masks, ranks) that the policy's keep_mask + mask_to_indices trace into.
+(TopK over the whole axis, masks, ranks) that the policy's kept_indices traces into.
 
     export_modality_topk_prefill(model, plan, "exports/fp32/prefill_modality_topk.onnx")
 
-How: the prefill module is traced with a policy whose ``keep_mask`` calls the torch custom op
+How: the prefill module is traced with a policy whose ``kept_indices`` calls the torch custom op
 ``cspkv::modality_topk`` (its CPU kernel is the plugin's C reference, so eager runs and the traced
 graph agree with the plugin), and the dynamo exporter translates that op to
 
@@ -12,21 +12,27 @@ graph agree with the plugin), and the dynamo exporter translates that op to
                  n_keep i32 [B], n_recent i32 [B]) -> indices i64 [B,H,c_max]
     domain "cspkv", attributes cross_ratio (float), c_max (int), plugin_namespace = "cspkv"
 
-exactly the plugin's inputs, attributes and output. The rest of the graph (scores, gathers, slot
-outputs) is PrefillGraph's own code; only its call of ``mask_to_indices`` is told, for the duration of
-the export, to pass the op's indices through (they already are "kept ascending, then the others").
+exactly the plugin's inputs, attributes and output (the indices already are "kept ascending, then the
+others", as the standard-op selection gives them). The rest of the graph (scores, gathers, slot
+outputs) is PrefillGraph's own code.
 ONNX Runtime cannot run the node (no kernel for domain cspkv): the graph is for TensorRT with the plugin
 library loaded (``build_engines(..., plugins=[libcspkv_modality_topk_plugin.so])``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 
+import onnxscript.optimizer
 import torch
 
+from cspkv.engines.modality_topk import modality_topk_ref
+from cspkv.export.exporter import OPSET, OUTPUTS, example_inputs, graph_inputs, replace_castlike
+from cspkv.export.graphs import PrefillGraph
+from cspkv.export.onnx_ops import CUSTOM_TRANSLATIONS
+from cspkv.models.static_llama import DecoderShape
+from cspkv.pruning import get_policy
 from cspkv.pruning.csp import CrossSelfPruning
 
 DOMAIN = "cspkv"
@@ -38,8 +44,6 @@ INPUTS = ("self_scores", "cross_scores", "key_modality", "n_keep", "n_recent")
 def modality_topk_op(self_scores: torch.Tensor, cross_scores: torch.Tensor, key_modality: torch.Tensor,
                      n_keep: torch.Tensor, n_recent: torch.Tensor, cross_ratio: float, c_max: int) -> torch.Tensor:
     """The plugin's semantics on CPU (its C reference): int64 [B, H, c_max]."""
-    from cspkv.engines.modality_topk import modality_topk_ref
-
     out = modality_topk_ref(self_scores.float(), cross_scores.float(), key_modality.to(torch.int32),
                             n_keep.to(torch.int32), n_recent.to(torch.int32), cross_ratio=cross_ratio, c_max=c_max)
     return torch.from_numpy(out)
@@ -83,8 +87,8 @@ def _onnx_translation(self_scores, cross_scores, key_modality, n_keep, n_recent,
 
 
 class PluginTopKPolicy(CrossSelfPruning):
-    """CSP "distinct" whose keep_mask is the plugin op; it returns the kept indices [B, H, c_max]
-    (int64), which ``mask_to_indices`` passes through while :func:`plugin_selection` is active."""
+    """CSP "distinct" whose selection is the plugin op, which returns the kept indices [B, H, c_max]
+    (int64) directly."""
 
     def __init__(self, policy: CrossSelfPruning, c_max: int):
         if getattr(policy, "variant", None) != "distinct":
@@ -93,7 +97,9 @@ class PluginTopKPolicy(CrossSelfPruning):
                          window_ratio=policy.window_ratio, recent_ratio=policy.recent_ratio)
         self.c_max = int(c_max)
 
-    def keep_mask(self, scores, key_modality, n_keep):
+    def kept_indices(self, scores, key_modality, n_keep, c_max: int, n_kv_heads: int):
+        if c_max != self.c_max:
+            raise ValueError(f"the plugin was built for c_max {self.c_max}, the graph asks for {c_max}")
         n_valid = (key_modality >= 0).sum(-1)
         n_keep = torch.as_tensor(n_keep).reshape(-1).expand(key_modality.shape[0])
         n_recent = torch.as_tensor(self.recent_window(n_valid, n_keep)).reshape(-1).expand(key_modality.shape[0])
@@ -102,31 +108,8 @@ class PluginTopKPolicy(CrossSelfPruning):
                                              n_recent.to(torch.int32), self.cross_ratio, self.c_max)
 
 
-@contextlib.contextmanager
-def plugin_selection():
-    """While active, PrefillGraph's mask_to_indices returns int64 index tensors (the op's output)
-    unchanged instead of treating them as a mask."""
-    import cspkv.export.graphs as graphs
-
-    original = graphs.mask_to_indices
-
-    def passthrough(keep, n_keep):
-        if keep.dtype == torch.int64:
-            return keep[..., :n_keep]
-        return original(keep, n_keep)
-
-    graphs.mask_to_indices = passthrough
-    try:
-        yield
-    finally:
-        graphs.mask_to_indices = original
-
-
 def modality_topk_prefill_module(model, plan):
     """PrefillGraph over the plugin policy (eager-runnable: the op's CPU kernel is the C reference)."""
-    from cspkv.export.graphs import PrefillGraph
-    from cspkv.pruning import get_policy
-
     policy = get_policy(plan.policy, **plan.policy_params)
     if not isinstance(policy, CrossSelfPruning):
         raise ValueError(f"the ModalityTopK plugin implements CSP, not {plan.policy!r}")
@@ -135,12 +118,6 @@ def modality_topk_prefill_module(model, plan):
 
 def export_modality_topk_prefill(model, plan, path: str | Path) -> Path:
     """Write the prefill graph variant with one ModalityTopK node per layer to ``path``."""
-    import onnxscript.optimizer
-
-    from cspkv.export.exporter import OPSET, OUTPUTS, example_inputs, graph_inputs, replace_castlike
-    from cspkv.export.onnx_ops import CUSTOM_TRANSLATIONS
-    from cspkv.models.static_llama import DecoderShape
-
     register_onnx_schema()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +126,7 @@ def export_modality_topk_prefill(model, plan, path: str | Path) -> Path:
     inputs = example_inputs(model, plan)["prefill"]
     names = graph_inputs(DecoderShape(model.config.text_config).n_layers)["prefill"]
     table = {**CUSTOM_TRANSLATIONS, torch.ops.cspkv.modality_topk.default: _onnx_translation}
-    with plugin_selection(), torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), inputs, dynamo=True, opset_version=OPSET,
                                     custom_translation_table=table, input_names=names,

@@ -1,18 +1,30 @@
-"""ONNX Runtime sessions over an export folder (CPU provider by default)."""
+"""ONNX Runtime engine over an export folder (CPU provider by default).
+
+The K/V memory and slot table live in the C library (:class:`KVBuffer`). ONNX Runtime reads the
+buffer in place: the decode graph's ``past_key_<i>`` / ``past_value_<i>`` inputs are bound once,
+with IOBinding, to OrtValues over each layer's block of the C-owned memory, and its outputs go to
+preallocated arrays; the new token's K/V is then copied into its slot by the C library. Nothing
+grows after construction.
+"""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from cspkv.engines.generation import TEXT, Pipeline, vision_in_batches
+from cspkv.runtime.kv_buffer import KVBuffer
 from cspkv.runtime.manifest import STAMP_KEY, ManifestError, check_graphs, kv_dtype, read_manifest
+from cspkv.runtime.slot_reference import RING
 
 # onnxruntime's NodeArg.type -> numpy dtype name, as manifest.json writes them
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+PREFILL_OUTPUTS = ("logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass")
 
 
 def session_io(session: ort.InferenceSession) -> dict:
@@ -24,10 +36,14 @@ def session_io(session: ort.InferenceSession) -> dict:
 
 
 class OrtEngine:
-    """The three graphs of a csp-export folder as ONNX Runtime sessions, with shape checks."""
+    """The three graphs of a csp-export folder as ONNX Runtime sessions, checked against the manifest.
+
+    ``copy_cache_each_step``: the slower design the runtime avoids (hand the decode graph a fresh
+    copy of the whole cache every step), kept only so the latency gate can show it catches it.
+    """
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 session_options: ort.SessionOptions | None = None):
+                 session_options: ort.SessionOptions | None = None, copy_cache_each_step: bool = False):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         options = session_options or ort.SessionOptions()
@@ -43,14 +59,29 @@ class OrtEngine:
                                     "re-run csp-export") from None
         check_graphs(self.folder, self.manifest, {role: session_io(s) for role, s in self.sessions.items()},
                      {role: s.get_modelmeta().custom_metadata_map.get(STAMP_KEY) for role, s in self.sessions.items()})
-        plan = self.manifest["plan"]
-        self.max_prompt = plan["max_prompt"]
-        self.n_slots = plan["n_slots"]
-        self.vision_batch = plan["vision_batch"]
-        self.image_size = plan["image_size"]
-        self.hidden_size = self.manifest["model"]["hidden_size"]
-        self.precision = self.manifest.get("precision", "fp32")
+        model, plan = self.manifest["model"], self.manifest["plan"]
+        self.max_prompt, self.n_slots = plan["max_prompt"], plan["n_slots"]
+        self.vision_batch, self.image_size = plan["vision_batch"], plan["image_size"]
+        self.hidden_size = model["hidden_size"]
+        self.precision = self.manifest["precision"]
         self.kv_dtype = kv_dtype(self.manifest)          # float16 for fp16 exports, else float32
+        self.copy_cache_each_step = copy_cache_each_step
+        layers, heads = model["layers"], model["kv_heads"]
+        self._kv_shape = (layers, 2, 1, heads, self.n_slots, model["head_dim"])
+        # the decode graph's inputs and outputs, preallocated and bound once
+        self.binding = self.sessions["decode"].io_binding()
+        self._token, self._position = np.zeros((1, 1), np.int64), np.zeros((1,), np.int64)
+        self.bias = np.zeros((layers, 1, heads, self.n_slots), np.float32)
+        for name, array in (("token", self._token), ("position", self._position), ("bias", self.bias)):
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self._out = {"logits": np.empty((1, model["vocab_size"]), np.float32),
+                     "new_kv": np.empty((layers, 2, 1, heads, 1, model["head_dim"]), self.kv_dtype),
+                     "mass": np.empty((layers, 1, heads, self.n_slots), np.float32)}
+        for name, array in self._out.items():
+            self.binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self._bound = None                                 # weakref to the buffer the decode graph reads
+
+    # ---- vision and prefill ----
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N, 3, H, W] float32 -> [N, T, hidden], run in the graph's static batch."""
@@ -76,13 +107,60 @@ class OrtEngine:
         embeds = np.zeros((1, self.max_prompt, self.hidden_size), np.float32)
         if n_image:
             embeds[0, :length][modality == 1] = image_features
-        names = ["logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass"]
-        values = self.sessions["prefill"].run(names, {"input_ids": ids, "image_embeds": embeds,
-                                                      "modality": mod, "valid_length": np.array([length], np.int64)})
-        return dict(zip(names, values))
+        values = self.sessions["prefill"].run(list(PREFILL_OUTPUTS), {
+            "input_ids": ids, "image_embeds": embeds, "modality": mod,
+            "valid_length": np.array([length], np.int64)})
+        return dict(zip(PREFILL_OUTPUTS, values))
+
+    # ---- the K/V buffer and decoding ----
+
+    def new_buffer(self, eviction: str = RING, n_recent: int = 16, n_sink: int = 4,
+                   null_logit: float | None = None) -> KVBuffer:
+        """The C-owned K/V buffer of the export's plan, bound to the decode graph (read in place)."""
+        if self._bound is not None and self._bound() is not None:
+            raise ValueError("this engine's decode graph already reads another pipeline's buffer: open one "
+                             "OrtEngine per pipeline")
+        layers, _, _, heads, slots, head_dim = self._kv_shape
+        buffer = KVBuffer(layers, heads, slots, head_dim, self.kv_dtype, eviction, n_recent, n_sink, null_logit)
+        self._bind_kv(buffer.kv.reshape(self._kv_shape))
+        self._bound = weakref.ref(buffer)
+        return buffer
+
+    def _bind_kv(self, kv: np.ndarray) -> None:
+        """Bind each layer's K and V block of ``kv`` [layers, 2, 1, H, S, D] without copying."""
+        self._kv_values = []                               # keep the OrtValues alive
+        for layer in range(kv.shape[0]):
+            for part, name in enumerate(("past_key", "past_value")):
+                block = kv[layer, part]                    # contiguous [1, H, S, D] view
+                value = ort.OrtValue.ortvalue_from_numpy(block)     # wraps, does not copy (CPU)
+                assert value.data_ptr() == block.ctypes.data
+                self.binding.bind_ortvalue_input(f"{name}_{layer}", value)
+                self._kv_values.append(value)
+
+    def load_prefill(self, buffer: KVBuffer, out: dict, c: int, n_valid: np.ndarray, prompt_len: int) -> None:
+        kv = np.ascontiguousarray(out["kv"][:, :, 0, :, :c], dtype=self.kv_dtype)  # [layers, 2, H, C, D]
+        buffer.load_prefill(kv, out["slot_position"][:, :, :c], out["slot_modality"][:, :, :c], n_valid,
+                            prompt_len, out["slot_mass"][:, :, :c])
+
+    def decode_step(self, token: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """One decode graph run over the bound buffer (``bias`` filled by the caller): the logits [vocab]
+        and the attention mass [layers, 1, H, S], both overwritten by the next step."""
+        self._token[0, 0] = token
+        self._position[0] = position
+        if self.copy_cache_each_step:
+            self._bind_kv(np.array(self._bound().kv).reshape(self._kv_shape))
+        self.run_decode_graph()
+        return self._out["logits"][0], self._out["mass"]
+
+    def run_decode_graph(self) -> None:
+        """The bare decode graph on its bound inputs (the latency gate's reference)."""
+        self.sessions["decode"].run_with_iobinding(self.binding)
+
+    def write_token(self, buffer: KVBuffer, slots: np.ndarray, position: int) -> None:
+        buffer.write_token(slots, self._out["new_kv"], position, TEXT)
 
     def decode(self, token: int, position: int, kv: np.ndarray, bias: np.ndarray):
-        """One decode step from a whole cache kv [layers, 2, 1, H, S, D] (tests and tools; the
+        """One decode step from a whole cache kv [layers, 2, 1, H, S, D] (tests and tools; a
         pipeline binds the per-layer inputs to its buffer instead)."""
         feed = {"token": np.array([[token]], np.int64), "position": np.array([position], np.int64),
                 "bias": bias}
@@ -92,28 +170,10 @@ class OrtEngine:
         return self.sessions["decode"].run(None, feed)
 
 
-def checked_pixels(pixel_values, image_size: int) -> np.ndarray:
-    """float32 [N, 3, image_size, image_size] pixel values, or a ValueError saying what to do."""
-    pixel_values = np.asarray(pixel_values, dtype=np.float32)
-    expected = (3, image_size, image_size)
-    if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
-        raise ValueError(f"images must be pixel_values of shape [N, {', '.join(map(str, expected))}], "
-                         f"got {list(pixel_values.shape)}: resize them to {image_size}x{image_size}")
-    if not np.isfinite(pixel_values).all():
-        raise ValueError("pixel_values hold a NaN or infinity: preprocess the images again")
-    return pixel_values
+class OnnxPipeline(Pipeline):
+    """:class:`Pipeline` over an :class:`OrtEngine` (or an export folder, opened with ``engine_options``)."""
 
-
-def vision_in_batches(pixel_values, image_size: int, batch: int, run) -> np.ndarray:
-    """Check [N, 3, H, W] pixel values and run ``run`` over chunks of the vision graph's static
-    batch (the last one zero-padded); [N, T, hidden]. Shared by every engine backend."""
-    pixel_values = checked_pixels(pixel_values, image_size)
-    expected = pixel_values.shape[1:]
-    outputs = []
-    for start in range(0, len(pixel_values), batch):
-        chunk = pixel_values[start:start + batch]
-        missing = batch - len(chunk)
-        if missing:
-            chunk = np.concatenate([chunk, np.zeros((missing, *expected), np.float32)])
-        outputs.append(run(chunk)[: batch - missing])
-    return np.concatenate(outputs)
+    def __init__(self, engine: OrtEngine | str | Path, eviction: str = RING, n_recent: int = 16, n_sink: int = 4,
+                 **engine_options):
+        super().__init__(engine if isinstance(engine, OrtEngine) else OrtEngine(engine, **engine_options),
+                         eviction, n_recent, n_sink)

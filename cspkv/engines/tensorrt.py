@@ -14,8 +14,8 @@ capability, the precision and the source export (whose manifest is kept inside i
 an engine built for another TensorRT version or another GPU (:func:`check_engine_compatibility`, a
 pure function).
 
-Running: :class:`TrtPipeline` is :class:`~cspkv.runtime.pipeline.OnnxPipeline`'s loop over TensorRT
-execution contexts with device buffers. The K/V ring buffer is libcspkv's, with its memory
+Running: :class:`TrtPipeline` is the one generation loop (:class:`~cspkv.engines.generation.Pipeline`)
+over TensorRT execution contexts with device buffers. The K/V ring buffer is libcspkv's, with its memory
 cudaMalloc'd through the allocator hook (:class:`~cspkv.engines.cuda_runtime.DeviceKVBuffer`): the
 prefill engine writes the pruned K/V straight into it, the decode engine's ``past_*`` inputs are
 bound to its per-layer blocks, and the new token's K/V is copied device-to-device into its slot.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,8 @@ from typing import Callable
 import numpy as np
 
 from cspkv.durable import write_atomic
+from cspkv.engines.cuda_runtime import CudaRuntime, DeviceArray, DeviceKVBuffer
+from cspkv.engines.generation import TEXT, Pipeline, vision_in_batches
 from cspkv.runtime.manifest import ManifestError, file_sha256, read_manifest
 
 ENGINE_MANIFEST = "engine_manifest.json"
@@ -81,8 +84,6 @@ def require_tensorrt():
 def runtime_info(cuda=None) -> dict:
     """What :func:`check_engine_compatibility` compares: this TensorRT and this GPU."""
     trt = require_tensorrt()
-    from cspkv.engines.cuda_runtime import CudaRuntime
-
     device = (cuda or CudaRuntime()).device_info()
     return {"tensorrt_version": trt.__version__, "gpu_name": device["name"],
             "compute_capability": device["compute_capability"]}
@@ -178,10 +179,11 @@ def static_profile(io_inputs: dict):
 
 
 def build_engines(export_folder: str | Path, out_folder: str | Path, precision: str | None = None,
-                  calibration="auto", plugins=(), timing_cache: str | Path | None = None,
+                  calibration=None, plugins=(), timing_cache: str | Path | None = None,
                   workspace_bytes: int | None = None, force: bool = False,
                   progress: Callable[[str], None] = lambda message: None) -> dict:
-    """Build vision/prefill/decode engines from an export folder into ``out_folder``."""
+    """Build vision/prefill/decode engines from an export folder into ``out_folder``. ``calibration``:
+    the CalibrationSet of an implicit (calibrated) INT8 build from an fp32 export."""
     require_tensorrt()
     import tensorrt as trt
     from polygraphy.backend.trt import (
@@ -203,11 +205,10 @@ def build_engines(export_folder: str | Path, out_folder: str | Path, precision: 
     if plugin_paths:
         load_plugins(plugins=plugin_paths)
     cache_path = Path(timing_cache) if timing_cache else out / TIMING_CACHE
-    calibration_set = None
-    if flags["calibrated"]:
-        from cspkv.engines.precision import resolve_calibration
-
-        calibration_set = resolve_calibration(export_folder, calibration, progress)
+    calibration_set = calibration if flags["calibrated"] else None
+    if flags["calibrated"] and calibration is None:
+        raise ValueError("calibrated INT8 engines need a calibration set: pass calibration="
+                         "cspkv.quantize.calibration.resolve_calibration(EXPORT_FOLDER)")
     engines, timings = {}, {}
     for role, name in export["graphs"].items():
         progress(f"TensorRT: building {role} engine ({flags['precision']})")
@@ -227,8 +228,6 @@ def build_engines(export_folder: str | Path, out_folder: str | Path, precision: 
         engines[role] = f"{role}.engine"
         save_engine(engine, str(out / engines[role]))
         timings[role] = round(time.perf_counter() - start, 2)
-    from cspkv.engines.cuda_runtime import CudaRuntime
-
     device = CudaRuntime().device_info()
     files = {n: {"sha256": file_sha256(out / n), "bytes": (out / n).stat().st_size} for n in engines.values()}
     manifest = {
@@ -275,18 +274,19 @@ class _Context:
 
 
 class TrtEngine:
-    """The three engines of an engine folder, with a device buffer per I/O tensor (bindable)."""
+    """The three engines of an engine folder, with a device buffer per I/O tensor except the K/V
+    ones, which are bound to the pipeline's K/V buffer on the GPU (:meth:`new_buffer`)."""
 
-    def __init__(self, folder: str | Path, runtime: dict | None = None, cuda=None, external: dict | None = None):
-        """``external``: {role: tensor names} the caller binds itself (no buffer is allocated)."""
+    def __init__(self, folder: str | Path, runtime: dict | None = None, cuda=None):
         trt = require_tensorrt()
-        from cspkv.engines.cuda_runtime import CudaRuntime, DeviceArray
-
         self.cuda = cuda or CudaRuntime()
         self.folder = Path(folder)
         self.engine_manifest = read_engine_manifest(self.folder, runtime if runtime is not None
                                                     else runtime_info(self.cuda))
         self.manifest = self.engine_manifest["export_manifest"]
+        model, plan = self.manifest["model"], self.manifest["plan"]
+        self._past = [f"{name}_{i}" for i in range(model["layers"]) for name in ("past_key", "past_value")]
+        external = {"prefill": {"kv"}, "decode": set(self._past)}       # bound to the K/V buffer
         if self.engine_manifest.get("plugins"):
             from polygraphy.backend.trt import load_plugins
 
@@ -306,16 +306,17 @@ class TrtEngine:
                 ctx.dtypes[tensor] = np.dtype(_TRT_TO_NUMPY[engine.get_tensor_dtype(tensor).name])
                 if engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT:
                     ctx.inputs.append(tensor)
-                if tensor in (external or {}).get(role, ()):
+                if tensor in external.get(role, ()):
                     continue
                 ctx.buffers[tensor] = DeviceArray(self.cuda, ctx.shapes[tensor], ctx.dtypes[tensor])
                 ctx.context.set_tensor_address(tensor, ctx.buffers[tensor].ptr)
             self.contexts[role] = ctx
-        plan = self.manifest["plan"]
         self.max_prompt, self.n_slots = plan["max_prompt"], plan["n_slots"]
         self.vision_batch, self.image_size = plan["vision_batch"], plan["image_size"]
-        self.hidden_size = self.manifest["model"]["hidden_size"]
+        self.hidden_size = model["hidden_size"]
         self.kv_dtype = np.dtype(self.engine_manifest.get("kv_dtype", "float32"))
+        self.bias = np.zeros((model["layers"], 1, model["kv_heads"], self.n_slots), np.float32)
+        self._bound = None
 
     def bind(self, role: str, tensor: str, address: int) -> None:
         """Point an engine tensor at another device address (e.g. the KV buffer)."""
@@ -332,91 +333,56 @@ class TrtEngine:
         return {name: ctx.buffers[name].download() for name in outputs}
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        from cspkv.engines.onnx_runtime import vision_in_batches
-
         return vision_in_batches(pixel_values, self.image_size, self.vision_batch,
                                  lambda chunk: self.execute("vision", {"pixel_values": chunk},
                                                             ["image_features"])["image_features"])
 
-
-class TrtPipeline:
-    """OnnxPipeline's generation loop on TensorRT engines, the K/V ring buffer in GPU memory."""
-
-    def __init__(self, folder: str | Path, policy: str = "ring", n_recent: int = 16, n_sink: int = 4,
-                 runtime: dict | None = None):
-        from cspkv.engines.cuda_runtime import DeviceKVBuffer
-        from cspkv.runtime.kv_buffer import ABI_VERSION
-
-        require_tensorrt()
-        export = read_engine_manifest(folder, runtime)["export_manifest"]
-        past = [f"{name}_{i}" for i in range(export["model"]["layers"]) for name in ("past_key", "past_value")]
-        self.engine = TrtEngine(folder, runtime, external={"prefill": {"kv"}, "decode": set(past)})
-        self.manifest = self.engine.manifest
-        if self.manifest.get("runtime_abi") != ABI_VERSION:
-            raise ManifestError(f"the engines' export was made for runtime ABI {self.manifest.get('runtime_abi')!r}, "
-                                f"this runtime speaks {ABI_VERSION}: re-export and rebuild")
-        model, plan = self.manifest["model"], self.manifest["plan"]
-        self.layers, self.heads, self.head_dim = model["layers"], model["kv_heads"], model["head_dim"]
-        self.n_slots, self.max_keep = plan["n_slots"], plan["max_keep"]
-        null_logit = float(np.log(plan["decode_n"])) if plan["decode_n"] > 0 else None
-        self.kv_dtype = self.engine.kv_dtype
-        self.buffer = DeviceKVBuffer(self.layers, self.heads, self.n_slots, self.head_dim, self.kv_dtype, policy,
-                                     n_recent, n_sink, null_logit, cuda=self.engine.cuda)
-        # prefill writes the pruned K/V straight into the ring buffer; decode reads its blocks in place
-        self.engine.bind("prefill", "kv", self.buffer.kv_ptr)
-        for name, address in self.buffer.layer_pointers().items():
-            self.engine.bind("decode", name, address)
-        self._bias = np.zeros((self.layers, 1, self.heads, self.n_slots), np.float32)
-
-    def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32, eos_token_id: int | None = None,
-                 on_token=None, keep_logits: bool = True):
-        from cspkv.runtime.pipeline import TEXT, PipelineResult
-
-        model = self.manifest["model"]
-        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        length = len(input_ids)
-        if length > self.engine.max_prompt:
-            raise ValueError(f"the prompt has {length} tokens but this engine takes at most {self.engine.max_prompt}")
-        modality = (input_ids == model["image_token_id"]).astype(np.int64)
-        start = time.perf_counter()
-        p = self.engine.max_prompt
+    def prefill(self, input_ids: np.ndarray, modality: np.ndarray, image_features: np.ndarray | None) -> dict:
+        """Prefill with the pruned K/V written straight into the bound K/V buffer; the slot tables and
+        logits come back to the host."""
+        length, p = len(input_ids), self.max_prompt
         ids, mod = np.zeros((1, p), np.int64), np.zeros((1, p), np.int64)
         ids[0, :length], mod[0, :length] = input_ids, modality
-        embeds = np.zeros((1, p, self.engine.hidden_size), np.float32)
-        if pixel_values is not None and len(pixel_values):
-            features = self.engine.image_features(pixel_values).reshape(-1, model["hidden_size"])
-            embeds[0, :length][modality == 1] = features
-        out = self.engine.execute("prefill", {"input_ids": ids, "image_embeds": embeds, "modality": mod,
-                                              "valid_length": np.array([length], np.int64)},
-                                  ["logits", "slot_position", "slot_modality", "slot_valid", "slot_mass"])
-        c = self.max_keep
-        n_valid = out["slot_valid"][:, :, :c].sum(-1).astype(np.int32)
-        self.buffer.load_prefill_in_place(out["slot_position"][:, :, :c], out["slot_modality"][:, :, :c], n_valid,
-                                          length, out["slot_mass"][:, :, :c])
-        kept = out["slot_position"][:, :, : int(n_valid.min())]
-        tokens, logits, steps = [int(out["logits"][0].argmax())], [out["logits"][0].copy()], []
-        ttft = time.perf_counter() - start
-        if on_token:
-            on_token(tokens[0])
-        decode = self.engine.contexts["decode"]
-        for step in range(max_new_tokens - 1):
-            if eos_token_id is not None and tokens[-1] == eos_token_id:
-                break
-            t0 = time.perf_counter()
-            position = length + step
-            slots = self.buffer.choose_write_slots(position)
-            self.buffer.attention_bias(out=self._bias.reshape(self.buffer.shape))
-            result = self.engine.execute("decode", {"token": np.array([[tokens[-1]]], np.int64),
-                                                    "position": np.array([position], np.int64), "bias": self._bias},
-                                         ["logits", "mass"])
-            self.buffer.write_token_device(slots, decode.buffers["new_kv"].ptr, position, TEXT)
-            self.buffer.accumulate(result["mass"][:, 0])
-            tokens.append(int(result["logits"][0].argmax()))
-            if keep_logits:
-                logits.append(result["logits"][0].copy())
-            steps.append(time.perf_counter() - t0)
-            if on_token:
-                on_token(tokens[-1])
-        per_entry = self.layers * 2 * self.heads * self.head_dim * self.kv_dtype.itemsize
-        return PipelineResult(tokens, logits, kept, length, ttft, steps, self.buffer.nbytes,
-                              (length + len(tokens)) * per_entry)
+        embeds = np.zeros((1, p, self.hidden_size), np.float32)
+        if image_features is not None and len(image_features):
+            embeds[0, :length][modality == 1] = image_features
+        return self.execute("prefill", {"input_ids": ids, "image_embeds": embeds, "modality": mod,
+                                        "valid_length": np.array([length], np.int64)},
+                            ["logits", "slot_position", "slot_modality", "slot_valid", "slot_mass"])
+
+    def new_buffer(self, eviction: str = "ring", n_recent: int = 16, n_sink: int = 4,
+                   null_logit: float | None = None):
+        """libcspkv's K/V buffer in GPU memory, bound as the prefill engine's ``kv`` output and the
+        decode engine's ``past_*`` inputs."""
+        if self._bound is not None and self._bound() is not None:
+            raise ValueError("these engines already write another pipeline's buffer: open one TrtEngine per pipeline")
+        model = self.manifest["model"]
+        buffer = DeviceKVBuffer(model["layers"], model["kv_heads"], self.n_slots, model["head_dim"], self.kv_dtype,
+                                eviction, n_recent, n_sink, null_logit, cuda=self.cuda)
+        self.bind("prefill", "kv", buffer.kv_ptr)
+        for name, address in buffer.layer_pointers().items():
+            self.bind("decode", name, address)
+        self._bound = weakref.ref(buffer)
+        return buffer
+
+    def load_prefill(self, buffer, out: dict, c: int, n_valid: np.ndarray, prompt_len: int) -> None:
+        buffer.load_prefill_in_place(out["slot_position"][:, :, :c], out["slot_modality"][:, :, :c], n_valid,
+                                     prompt_len, out["slot_mass"][:, :, :c])
+
+    def decode_step(self, token: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+        result = self.execute("decode", {"token": np.array([[token]], np.int64),
+                                         "position": np.array([position], np.int64), "bias": self.bias},
+                              ["logits", "mass"])
+        return result["logits"][0], result["mass"]
+
+    def write_token(self, buffer, slots: np.ndarray, position: int) -> None:
+        buffer.write_token_device(slots, self.contexts["decode"].buffers["new_kv"].ptr, position, TEXT)
+
+
+class TrtPipeline(Pipeline):
+    """:class:`~cspkv.engines.generation.Pipeline` over TensorRT engines, the K/V buffer in GPU memory."""
+
+    def __init__(self, folder: str | Path, eviction: str = "ring", n_recent: int = 16, n_sink: int = 4,
+                 runtime: dict | None = None):
+        require_tensorrt()
+        super().__init__(TrtEngine(folder, runtime), eviction, n_recent, n_sink)

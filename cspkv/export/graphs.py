@@ -25,9 +25,8 @@ from torch import nn
 from cspkv.models.static_llama import DecoderShape, decode_step, prefill_layers
 from cspkv.models.llava import causal_window_logits
 from cspkv.pruning import IMAGE, PAD, PruningPolicy, keep_count
-from cspkv.pruning.base import floor_ratio, mask_to_indices
+from cspkv.pruning.base import MASS_WINDOW_RATIO, floor_ratio
 
-MASS_WINDOW_RATIO = 0.1  # the reference's window for the re-score starting mass
 
 
 class VisionGraph(nn.Module):
@@ -85,8 +84,7 @@ class PrefillGraph(nn.Module):
             query_modality = torch.where(score_in[None], key_modality[:, score_rows], PAD)
             logits = causal_window_logits(q[:, :, score_rows], k, score_rows, scaling)
             scores = self.policy.score(logits, key_modality, query_modality)
-            keep = self.policy.keep_mask(scores, key_modality, n_keep)
-            kept = mask_to_indices(keep.expand(1, self.shape.n_kv_heads, -1), self.max_keep)[0]  # [H, C]
+            kept = self.policy.kept_indices(scores, key_modality, n_keep, self.max_keep, self.shape.n_kv_heads)[0]  # [H, C]
             mass_modality = torch.where(mass_in[None], key_modality[:, mass_rows], PAD)
             mass_logits = causal_window_logits(q[:, :, mass_rows], k, mass_rows, scaling)
             probs = PruningPolicy.window_probabilities(mass_logits, key_modality, mass_modality)

@@ -8,7 +8,7 @@ layers run once on a [B, 1, hidden] batch, and attention runs per group of cache
 same number of entries (every policy keeps the same count at a budget), over exactly the entries
 each cache holds, so no cache is padded. A cache that reaches EOS leaves the batch (replies
 in a sweep end anywhere from 1 to 112 tokens). Same results as ``LlavaReference.decode`` in its
-"unbounded" mode (no null slot); the tests check the tokens and logits against it.
+"unbounded" eviction (no null slot); the tests check the tokens and logits against it.
 """
 
 from __future__ import annotations

@@ -24,12 +24,13 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cspkv.pruning import IMAGE, PAD, TEXT, PruningPolicy, check_budget, get_policy, keep_count
-from cspkv.pruning.base import in_graph_capture
+from cspkv.pruning.base import MASS_WINDOW_RATIO, in_graph_capture
 from cspkv.models.static_llama import DecoderShape, decode_step, project_heads
 from cspkv.runtime.slot_reference import RING, RESCORE, SlotTable, null_slot_logit
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
-DECODE_MODES = ("unbounded", RING, RESCORE)
+UNBOUNDED = "unbounded"
+DECODE_EVICTIONS = (UNBOUNDED, RING, RESCORE)   # what decode does when its slots are full
 SCORE_CHUNK_ROWS = 256  # query rows scored at once: bounds memory at chunk x L per head
 
 
@@ -143,11 +144,11 @@ class LlavaReference:
     # --- prefill ------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                policies: dict[str, PruningPolicy], mass_window_ratio: float = 0.1,
+                policies: dict[str, PruningPolicy], mass_window_ratio: float = MASS_WINDOW_RATIO,
                 window_mass: bool = True) -> Prefill:
         """Run the full-attention prefill and score every key with every policy, layer by layer.
 
-        ``window_mass=False`` skips the window attention mass (only the "rescore" decode mode reads
+        ``window_mass=False`` skips the window attention mass (only the "rescore" eviction reads
         it); with it off and only policies that read no attention (full, StreamingLLM, random) the
         prefill is the bare model forward."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -268,30 +269,30 @@ class LlavaReference:
     # --- decoding -----------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, pruned: PrunedCache, first_token: int, max_new_tokens: int,
-               mode: str = "unbounded", decode_slots: int | None = None, decode_n: float = 0.0,
+               eviction: str = UNBOUNDED, decode_slots: int | None = None, decode_n: float = 0.0,
                n_recent: int = 16, n_sink: int = 4, eos_token_id: int | None = None) -> DecodeResult:
         """Greedy decoding over a static slot buffer; ``first_token`` came from the prefill.
 
-        mode "unbounded": room for every generated token (the paper's growing cache);
+        eviction "unbounded": room for every generated token (the paper's growing cache);
         "ring": ``decode_slots`` slots for generated tokens, the oldest overwritten when full;
         "rescore": same slots, the lowest-scored non-recent, non-sink entry evicted when full.
         decode_n > 0 adds the n-softmax null slot (zero K/V, logit log n) to every decode step.
         """
-        if mode not in DECODE_MODES:
-            raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+        if eviction not in DECODE_EVICTIONS:
+            raise ValueError(f"eviction must be one of {DECODE_EVICTIONS}, got {eviction!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if mode == "unbounded":
+        if eviction == UNBOUNDED:
             decode_slots = max_new_tokens
         elif decode_slots is None or decode_slots < 1:
-            raise ValueError(f"decode_slots must be >= 1 for mode {mode!r}, got {decode_slots!r}")
-        if mode == RESCORE and pruned.mass is None:
-            raise ValueError("mode 'rescore' starts from the window attention mass: prefill with "
+            raise ValueError(f"decode_slots must be >= 1 for eviction {eviction!r}, got {decode_slots!r}")
+        if eviction == RESCORE and pruned.mass is None:
+            raise ValueError("eviction 'rescore' starts from the window attention mass: prefill with "
                              "window_mass=True")
         null_logit = null_slot_logit(decode_n)
         n_slots = pruned.n_entries + decode_slots + (1 if null_logit is not None else 0)
         table = SlotTable(self.n_layers, self.n_kv_heads, n_slots,
-                          policy=RESCORE if mode == RESCORE else RING,
+                          eviction=RESCORE if eviction == RESCORE else RING,
                           n_recent=n_recent, n_sink=n_sink, null_logit=null_logit)
         table.load_prefill(pruned.positions.numpy(), pruned.modality.numpy(),
                            np.full((self.n_layers, self.n_kv_heads), pruned.n_entries),
@@ -330,19 +331,19 @@ class LlavaReference:
 
 def generate_from_ids(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                       policy: str = "csp", budget: float = 0.5, max_new_tokens: int = 32,
-                      policy_params: dict | None = None, mode: str = "unbounded",
+                      policy_params: dict | None = None, eviction: str = UNBOUNDED,
                       decode_slots: int | None = None, decode_n: float = 0.0,
                       eos_token_id: int | None = None, **decode_kwargs) -> GenerationResult:
     """Prefill, prune with one policy at one budget, and decode greedily."""
     check_budget(budget)  # fail before the expensive prefill
-    if mode not in DECODE_MODES:
-        raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+    if eviction not in DECODE_EVICTIONS:
+        raise ValueError(f"eviction must be one of {DECODE_EVICTIONS}, got {eviction!r}")
     reference = LlavaReference(model)
     pruning_policy = get_policy(policy, **(policy_params or {}))
     prefill = reference.prefill(input_ids, pixel_values, {policy: pruning_policy})
     pruned = reference.prune(prefill, policy, budget)
     first = int(prefill.logits[0].argmax())
-    result = reference.decode(pruned, first, max_new_tokens, mode=mode, decode_slots=decode_slots,
+    result = reference.decode(pruned, first, max_new_tokens, eviction=eviction, decode_slots=decode_slots,
                               decode_n=decode_n, eos_token_id=eos_token_id, **decode_kwargs)
     return GenerationResult(tokens=result.tokens, text=None,
                             kept_per_layer=[pruned.n_entries] * reference.n_layers,

@@ -23,6 +23,8 @@ from typing import Union
 import torch
 
 TEXT, IMAGE, PAD = 0, 1, -1
+# The re-score eviction's starting mass: attention received from the last 10% of the prompt's queries.
+MASS_WINDOW_RATIO = 0.1
 
 IntOrTensor = Union[int, torch.Tensor]
 
@@ -271,6 +273,14 @@ class PruningPolicy:
         check_select_inputs(window_logits, key_modality, query_modality, n_keep)
         scores = self.score(window_logits, key_modality, query_modality)
         return self.indices_from_scores(scores, key_modality, n_keep)
+
+    def kept_indices(self, scores: torch.Tensor, key_modality: torch.Tensor, n_keep, c_max: int,
+                     n_kv_heads: int) -> torch.Tensor:
+        """The static-shape form of the selection, as exported graphs use it: the first ``c_max`` kept
+        positions in ascending order, int64 [B, n_kv_heads, c_max], for an ``n_keep`` that may be a
+        tensor (entries past n_keep are the caller's to mark invalid)."""
+        keep = self.keep_mask(scores, key_modality, n_keep)
+        return mask_to_indices(keep.expand(keep.shape[0], n_kv_heads, -1), c_max)
 
     def indices_from_scores(self, scores: torch.Tensor, key_modality: torch.Tensor,
                             n_keep: int) -> torch.Tensor:

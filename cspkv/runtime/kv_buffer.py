@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cspkv.runtime.slot_reference import EVICTION_POLICIES, RESCORE, RING, SlotTableError
+from cspkv.runtime.slot_reference import EVICTIONS, RESCORE, RING, SlotTableError
 
 ABI_VERSION = 1  # must equal CSPKV_ABI_VERSION in cspkv/runtime/include/cspkv.h
 
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # cspkv_dtype
-_POLICIES = {RING: 0, RESCORE: 1}  # cspkv_policy
+_EVICTIONS = {RING: 0, RESCORE: 1}  # cspkv_eviction
 _STATUS_NAMES = (
     "CSPKV_OK", "CSPKV_ERR_NULL_POINTER", "CSPKV_ERR_INVALID_ARGUMENT", "CSPKV_ERR_SIZE_MISMATCH",
     "CSPKV_ERR_SLOT_OUT_OF_RANGE", "CSPKV_ERR_CAPACITY", "CSPKV_ERR_BAD_STATE",
@@ -57,7 +57,7 @@ class KVBufferError(RuntimeError):
 
 
 class NoEvictableSlotError(KVBufferError, SlotTableError):
-    """No free slot and nothing the policy may evict; also a SlotTableError, as in the reference."""
+    """No free slot and nothing the eviction may evict; also a SlotTableError, as in the reference."""
 
 
 class NonFiniteError(KVBufferError, ValueError):
@@ -77,7 +77,7 @@ class _Config(ctypes.Structure):
         ("n_slots", ctypes.c_int32),
         ("head_dim", ctypes.c_int32),
         ("dtype", ctypes.c_int32),
-        ("policy", ctypes.c_int32),
+        ("eviction", ctypes.c_int32),
         ("n_recent", ctypes.c_int32),
         ("n_sink", ctypes.c_int32),
         ("has_null_slot", ctypes.c_int32),
@@ -233,7 +233,7 @@ class KVBuffer:
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_slots: int, head_dim: int,
-                 dtype=np.float32, policy: str = RING, n_recent: int = 0, n_sink: int = 0,
+                 dtype=np.float32, eviction: str = RING, n_recent: int = 0, n_sink: int = 0,
                  null_logit: float | None = None, allocator: Allocator | None = None):
         dims = {name: _int(name, v, 1, _INT32.max) for name, v in
                 (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("n_slots", n_slots),
@@ -241,9 +241,9 @@ class KVBuffer:
         self.dtype = np.dtype(dtype)
         if self.dtype not in _DTYPES:
             raise TypeError(f"dtype must be float32 or float16, got {self.dtype}")
-        if policy not in EVICTION_POLICIES:
-            raise ValueError(f"policy must be one of {EVICTION_POLICIES}, got {policy!r}")
-        self.policy = policy
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+        self.eviction = eviction
         self.n_recent = _int("n_recent", n_recent, 0, _INT32.max)
         self.n_sink = _int("n_sink", n_sink, 0, _INT32.max)
         if null_logit is not None:
@@ -259,7 +259,7 @@ class KVBuffer:
         self.n_usable = S - (null_logit is not None)
 
         self._lib = load_library()
-        cfg = _Config(ABI_VERSION, L, H, S, D, _DTYPES[self.dtype], _POLICIES[policy], self.n_recent,
+        cfg = _Config(ABI_VERSION, L, H, S, D, _DTYPES[self.dtype], _EVICTIONS[eviction], self.n_recent,
                       self.n_sink, int(null_logit is not None),
                       0.0 if null_logit is None else null_logit)
         ptr = _P()
@@ -296,7 +296,7 @@ class KVBuffer:
 
     def __repr__(self) -> str:
         state = "closed" if self._handle is None else f"{self.nbytes} bytes"
-        return (f"KVBuffer(kv_shape={self.kv_shape}, dtype={self.dtype}, policy={self.policy!r}, "
+        return (f"KVBuffer(kv_shape={self.kv_shape}, dtype={self.dtype}, eviction={self.eviction!r}, "
                 f"null_logit={self.null_logit}, {state})")
 
     # ---- slot table (SlotTable API) ----
@@ -311,11 +311,20 @@ class KVBuffer:
         (int8), scores (float32, optional): [layers, kv_heads, C]; n_valid: [layers, kv_heads].
         """
         L, H, _ = self.shape
-        c, positions, modality, n_valid, scores, prompt_len = self._prefill_tables(
-            positions, modality, n_valid, scores, prompt_len)
-        kv = self._kv_array("kv", kv, (L, 2, H, c, self.head_dim))
+        tables = self._prefill_tables(positions, modality, n_valid, scores, prompt_len)
+        kv = self._kv_array("kv", kv, (L, 2, H, tables[0], self.head_dim))
+        self._load_prefill(kv.ctypes.data, *tables)
+
+    def load_prefill_from(self, kv_address: int, positions, modality, n_valid, prompt_len: int, scores=None) -> None:
+        """:meth:`load_prefill` with the K/V [layers, 2, kv_heads, C, head_dim] of the buffer's dtype at
+        a raw address (host, or device memory for a buffer whose allocator copies from there)."""
+        self._load_prefill(kv_address, *self._prefill_tables(positions, modality, n_valid, scores, prompt_len))
+
+    def _load_prefill(self, kv_address: int, c, positions, modality, n_valid, scores, prompt_len) -> None:
+        L, H, _ = self.shape
+        nbytes = L * 2 * H * c * self.head_dim * self.dtype.itemsize
         status = self._lib.cspkv_load_prefill(
-            self._ptr(), c, kv.ctypes.data, kv.nbytes, positions.ctypes.data, modality.ctypes.data,
+            self._ptr(), c, kv_address, nbytes, positions.ctypes.data, modality.ctypes.data,
             None if scores is None else scores.ctypes.data, positions.size, n_valid.ctypes.data,
             n_valid.size, prompt_len)
         _check(self._lib, "cspkv_load_prefill", status,
@@ -361,10 +370,19 @@ class KVBuffer:
         L, H, _ = self.shape
         slots = _numbers("slots", slots, np.int32, (L, H))
         kv_delta = self._kv_array("kv_delta", kv_delta, (L, 2, 1, H, 1, self.head_dim))
+        self.write_token_from(slots, kv_delta.ctypes.data, position, modality)
+
+    def write_token_from(self, slots, kv_address: int, position: int, modality: int = 0) -> None:
+        """:meth:`write_token` with the new token's K/V [layers, 2, 1, kv_heads, 1, head_dim] of the
+        buffer's dtype at a raw address (host, or device memory for a buffer whose allocator copies
+        from there)."""
+        L, H, _ = self.shape
+        slots = _numbers("slots", slots, np.int32, (L, H))
         position = _int("position", position, 0, _INT64.max)
         modality = _int("modality", modality, 0, np.iinfo(np.int8).max)
-        status = self._lib.cspkv_write_token(self._ptr(), slots.ctypes.data, slots.size,
-                                             kv_delta.ctypes.data, kv_delta.nbytes, position, modality)
+        nbytes = L * 2 * H * self.head_dim * self.dtype.itemsize
+        status = self._lib.cspkv_write_token(self._ptr(), slots.ctypes.data, slots.size, kv_address, nbytes,
+                                             position, modality)
         _check(self._lib, "cspkv_write_token", status,
                f"slots={slots.tolist()}, position={position}, usable slots={self.n_usable}", self._ptr())
 

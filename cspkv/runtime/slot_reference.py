@@ -7,7 +7,7 @@ modality of the token in it, and a score (attention mass received, for re-score 
 
 One decode step, for every layer and KV head:
   1. ``choose_write_slots(p)``: the slot the token at position ``p`` will occupy. A free slot first
-     (lowest index); when none is free, the eviction policy picks one and it is invalidated at once,
+     (lowest index); when none is free, the eviction picks one and it is invalidated at once,
      so the step does not attend to what it is about to overwrite.
   2. ``attention_bias()``: 0 for valid slots, -inf for free ones, log n for the n-softmax null slot.
   3. the model runs one step over the cache (plus the new token's own K/V).
@@ -23,7 +23,7 @@ import numpy as np
 
 RING = "ring"
 RESCORE = "rescore"
-EVICTION_POLICIES = (RING, RESCORE)
+EVICTIONS = (RING, RESCORE)
 
 
 class SlotTableError(RuntimeError):
@@ -33,17 +33,17 @@ class SlotTableError(RuntimeError):
 class SlotTable:
     """Slot metadata of a [layers, kv_heads, slots] KV buffer.
 
-    ``policy``: "ring" overwrites the oldest generated token (a token whose position is at or past
+    ``eviction``: "ring" overwrites the oldest generated token (a token whose position is at or past
     the prompt length); "rescore" evicts the valid slot with the lowest score that is neither among
     the ``n_recent`` most recent positions nor a sink (position < ``n_sink``), ties to the lowest slot.
     ``null_logit``: when not None (decode-time n-softmax with n > 0, logit log n), the last slot is
     reserved as a null slot whose K and V stay zero and whose bias is ``null_logit``.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, n_slots: int, policy: str = RING,
+    def __init__(self, n_layers: int, n_kv_heads: int, n_slots: int, eviction: str = RING,
                  n_recent: int = 0, n_sink: int = 0, null_logit: float | None = None):
-        if policy not in EVICTION_POLICIES:
-            raise ValueError(f"policy must be one of {EVICTION_POLICIES}, got {policy!r}")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
         if min(n_layers, n_kv_heads, n_slots) < 1:
             raise ValueError("n_layers, n_kv_heads and n_slots must be >= 1")
         if null_logit is not None and n_slots < 2:
@@ -51,7 +51,7 @@ class SlotTable:
         if n_recent < 0 or n_sink < 0:
             raise ValueError("n_recent and n_sink must be >= 0")
         self.shape = (n_layers, n_kv_heads, n_slots)
-        self.policy = policy
+        self.eviction = eviction
         self.n_recent = n_recent
         self.n_sink = n_sink
         self.null_logit = null_logit
@@ -99,7 +99,7 @@ class SlotTable:
     def _evict_one(self, l: int, h: int, position: int) -> int:
         valid = self.valid[l, h, : self.n_usable]
         pos = self.position[l, h, : self.n_usable]
-        if self.policy == RING:
+        if self.eviction == RING:
             candidates = valid & (pos >= self.prompt_len)
             if not candidates.any():
                 raise SlotTableError("ring eviction found no generated token to overwrite: "

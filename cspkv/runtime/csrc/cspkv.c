@@ -22,7 +22,7 @@ const char *cspkv_status_string(int status) {
     case CSPKV_ERR_CAPACITY: return "more prompt entries than usable slots";
     case CSPKV_ERR_BAD_STATE: return "call out of order: write_token must follow choose_write_slots "
                                      "with the same slots and position";
-    case CSPKV_ERR_NO_EVICTABLE: return "no free slot and the eviction policy may evict none "
+    case CSPKV_ERR_NO_EVICTABLE: return "no free slot and the eviction may evict none "
                                         "(ring: no generated token; rescore: all recent or sink)";
     case CSPKV_ERR_DUPLICATE_POSITION: return "position already held by a valid slot of the same "
                                               "layer and head";
@@ -69,7 +69,7 @@ int cspkv_config_init(cspkv_config *cfg) {
     memset(cfg, 0, sizeof *cfg);
     cfg->abi_version = CSPKV_ABI_VERSION;
     cfg->dtype = CSPKV_DTYPE_F32;
-    cfg->policy = CSPKV_POLICY_RING;
+    cfg->eviction = CSPKV_EVICT_RING;
     return CSPKV_OK;
 }
 
@@ -120,7 +120,7 @@ static int check_config(const cspkv_config *c) {
     if (c->n_layers < 1 || c->n_kv_heads < 1 || c->n_slots < 1 || c->head_dim < 1)
         return CSPKV_ERR_INVALID_ARGUMENT;
     if (c->dtype != CSPKV_DTYPE_F32 && c->dtype != CSPKV_DTYPE_F16) return CSPKV_ERR_INVALID_ARGUMENT;
-    if (c->policy != CSPKV_POLICY_RING && c->policy != CSPKV_POLICY_RESCORE)
+    if (c->eviction != CSPKV_EVICT_RING && c->eviction != CSPKV_EVICT_RESCORE)
         return CSPKV_ERR_INVALID_ARGUMENT;
     if (c->n_recent < 0 || c->n_sink < 0) return CSPKV_ERR_INVALID_ARGUMENT;
     if (c->has_null_slot != 0 && c->has_null_slot != 1) return CSPKV_ERR_INVALID_ARGUMENT;

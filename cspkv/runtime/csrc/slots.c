@@ -188,7 +188,7 @@ int cspkv_choose_write_slots(cspkv_buffer *b, int64_t position, int32_t *slots_o
         for (int32_t s = 0; s < b->n_usable && free_slot < 0; s++)
             if (!b->valid[row + (size_t)s]) free_slot = s;
         int32_t s = free_slot >= 0 ? free_slot
-                    : b->cfg.policy == CSPKV_POLICY_RING ? ring_victim(b, row)
+                    : b->cfg.eviction == CSPKV_EVICT_RING ? ring_victim(b, row)
                                                           : rescore_victim(b, row, position);
         if (s < 0)
             return cspkv_fail(b, CSPKV_ERR_NO_EVICTABLE, "no slot to evict at layer %zu, kv_head %zu for "

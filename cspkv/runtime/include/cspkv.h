@@ -11,7 +11,7 @@
  * the Python reference cspkv/runtime/slot_reference.py (class SlotTable); the library adds the
  * argument checks listed at each function. One decode step is:
  *     cspkv_choose_write_slots -> cspkv_attention_bias -> (model step) -> cspkv_write_token
- *     -> cspkv_accumulate (re-score policy only).
+ *     -> cspkv_accumulate (re-score eviction only).
  *
  * Every function returns a cspkv_status; on an error nothing observable changes (except where a
  * function says otherwise), so the buffer stays usable. Array arguments come with their length in
@@ -45,7 +45,7 @@ typedef enum cspkv_status {
     CSPKV_ERR_SLOT_OUT_OF_RANGE = 4,  /* a slot index is not a usable slot (the null slot isn't) */
     CSPKV_ERR_CAPACITY = 5,           /* more prompt entries than usable slots */
     CSPKV_ERR_BAD_STATE = 6,          /* call out of order (write_token without its choose) */
-    CSPKV_ERR_NO_EVICTABLE = 7,       /* no free slot and the policy may evict nothing */
+    CSPKV_ERR_NO_EVICTABLE = 7,       /* no free slot and the eviction may evict nothing */
     CSPKV_ERR_DUPLICATE_POSITION = 8, /* a position would be held twice in one (layer, head) */
     CSPKV_ERR_OUT_OF_MEMORY = 9,      /* allocation failed, or the buffer size overflows size_t */
     CSPKV_ERR_COPY_FAILED = 10,       /* the allocator's copy hook reported an error */
@@ -58,7 +58,7 @@ typedef enum cspkv_dtype { CSPKV_DTYPE_F32 = 0, CSPKV_DTYPE_F16 = 1 } cspkv_dtyp
 /* RING: overwrite the oldest generated token (position >= prompt_len).
  * RESCORE: evict the lowest-score valid slot that is neither among the n_recent most recent
  * positions nor a sink (position < n_sink); ties go to the lowest slot index. */
-typedef enum cspkv_policy { CSPKV_POLICY_RING = 0, CSPKV_POLICY_RESCORE = 1 } cspkv_policy;
+typedef enum cspkv_eviction { CSPKV_EVICT_RING = 0, CSPKV_EVICT_RESCORE = 1 } cspkv_eviction;
 
 typedef struct cspkv_config {
     uint32_t abi_version; /* must be CSPKV_ABI_VERSION: catches a header/library mismatch */
@@ -67,7 +67,7 @@ typedef struct cspkv_config {
     int32_t n_slots;      /* >= 1, the null slot included; >= 2 with a null slot */
     int32_t head_dim;     /* >= 1 */
     int32_t dtype;        /* cspkv_dtype */
-    int32_t policy;       /* cspkv_policy */
+    int32_t eviction;     /* cspkv_eviction */
     int32_t n_recent;     /* >= 0, RESCORE only */
     int32_t n_sink;       /* >= 0, RESCORE only */
     int32_t has_null_slot; /* 0 or 1: the last slot is the n-softmax null slot (K = V = 0) */
@@ -139,7 +139,7 @@ CSPKV_API int cspkv_load_prefill(cspkv_buffer *buf, int64_t c, const void *kv, s
 
 /*
  * Picks, per (layer, head), the slot the token at `position` will occupy: the lowest free usable
- * slot, else the policy's victim, which is invalidated at once. slots_out: int32 [layers, kv_heads].
+ * slot, else the eviction's victim, which is invalidated at once. slots_out: int32 [layers, kv_heads].
  * Checks: position >= prompt_len (decode tokens are generated tokens) and not already held by a
  * valid slot (DUPLICATE_POSITION). All-or-nothing: on NO_EVICTABLE no slot is invalidated.
  * The choice stays pending until cspkv_write_token; choosing again replaces it.

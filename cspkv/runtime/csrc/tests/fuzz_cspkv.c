@@ -127,16 +127,16 @@ static void check_invariants(const ctx *x) {
         }
 }
 
-/* Is slot i of a full row a legal victim, per the policy, for a token at `position`? */
+/* Is slot i of a full row a legal victim, per the eviction, for a token at `position`? */
 static int is_candidate(const ctx *x, const meta *m, size_t i, int64_t position) {
     if (!m->v[i]) return 0;
-    if (x->c.policy == CSPKV_POLICY_RING) return m->p[i] >= m->plen;
+    if (x->c.eviction == CSPKV_EVICT_RING) return m->p[i] >= m->plen;
     return m->p[i] < position - x->c.n_recent && m->p[i] >= x->c.n_sink;
 }
 
 /* Better victim than `best` (ring: older; rescore: lower score). Ties keep the lower slot. */
 static int better(const ctx *x, const meta *m, size_t i, size_t best) {
-    return x->c.policy == CSPKV_POLICY_RING ? m->p[i] < m->p[best] : m->s[i] < m->s[best];
+    return x->c.eviction == CSPKV_EVICT_RING ? m->p[i] < m->p[best] : m->s[i] < m->s[best];
 }
 
 static void op_choose(ctx *x) {
@@ -175,7 +175,7 @@ static void op_choose(ctx *x) {
         } else {
             /* The victim is legal (ring: generated; rescore: not recent, not a sink)... */
             REQUIRE(is_candidate(x, &x->before, row + s, position));
-            n_evictions[x->c.policy]++;
+            n_evictions[x->c.eviction]++;
             /* ...and no other candidate beats it, nor ties it from a lower slot. */
             for (int t = 0; t < x->U; t++) {
                 if (t == s || !is_candidate(x, &x->before, row + t, position)) continue;
@@ -397,7 +397,7 @@ static void run_episode(long n_ops) {
     x.S = x.c.n_slots = 1 + x.c.has_null_slot + rnd(MAXS - x.c.has_null_slot);
     x.D = x.c.head_dim = 1 + rnd(MAXD);
     x.c.dtype = rnd(2) ? CSPKV_DTYPE_F16 : CSPKV_DTYPE_F32;
-    x.c.policy = rnd(2) ? CSPKV_POLICY_RESCORE : CSPKV_POLICY_RING;
+    x.c.eviction = rnd(2) ? CSPKV_EVICT_RESCORE : CSPKV_EVICT_RING;
     x.c.n_recent = rnd(4);
     x.c.n_sink = rnd(4);
     x.c.null_logit = rnd_unit() * 4.f - 2.f;
@@ -441,7 +441,7 @@ int main(int argc, char **argv) {
     printf("fuzz: seed %llu, %ld ops in %ld buffers: %ld calls ok, %ld rejected as expected "
            "(%ld no-evictable); evictions: %ld ring, %ld rescore\n",
            (unsigned long long)seed, op_index, episodes, n_ok_calls, n_error_calls, n_no_evictable,
-           n_evictions[CSPKV_POLICY_RING], n_evictions[CSPKV_POLICY_RESCORE]);
+           n_evictions[CSPKV_EVICT_RING], n_evictions[CSPKV_EVICT_RESCORE]);
     printf("%ld passed, 0 failed\n", op_index);
     return 0;
 }

@@ -35,7 +35,7 @@ static int n_pass, n_fail;
 
 /* ---- helpers ---- */
 
-static cspkv_config config(int L, int H, int S, int D, int dtype, int policy, int n_recent,
+static cspkv_config config(int L, int H, int S, int D, int dtype, int eviction, int n_recent,
                            int n_sink, int null_slot, float null_logit) {
     cspkv_config c;
     cspkv_config_init(&c);
@@ -44,7 +44,7 @@ static cspkv_config config(int L, int H, int S, int D, int dtype, int policy, in
     c.n_slots = S;
     c.head_dim = D;
     c.dtype = dtype;
-    c.policy = policy;
+    c.eviction = eviction;
     c.n_recent = n_recent;
     c.n_sink = n_sink;
     c.has_null_slot = null_slot;
@@ -185,7 +185,7 @@ static void test_abi_and_strings(void) {
 
 static void test_config_errors(void) {
     cspkv_buffer *b = (cspkv_buffer *)&b; /* must be overwritten with NULL on failure */
-    cspkv_config ok = config(1, 1, 4, 2, CSPKV_DTYPE_F32, CSPKV_POLICY_RING, 0, 0, 0, 0.f), c;
+    cspkv_config ok = config(1, 1, 4, 2, CSPKV_DTYPE_F32, CSPKV_EVICT_RING, 0, 0, 0, 0.f), c;
     CHECK_ST(cspkv_create(NULL, NULL, &b), CSPKV_ERR_NULL_POINTER);
     CHECK_ST(cspkv_create(&ok, NULL, NULL), CSPKV_ERR_NULL_POINTER);
     c = ok; c.abi_version = CSPKV_ABI_VERSION + 1;
@@ -196,7 +196,7 @@ static void test_config_errors(void) {
     c = ok; c.n_slots = 0;     CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
     c = ok; c.head_dim = 0;    CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
     c = ok; c.dtype = 2;       CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
-    c = ok; c.policy = 7;      CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
+    c = ok; c.eviction = 7;      CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
     c = ok; c.n_recent = -1;   CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
     c = ok; c.n_sink = -1;     CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
     c = ok; c.has_null_slot = 2; CHECK_ST(cspkv_create(&c, NULL, &b), CSPKV_ERR_INVALID_ARGUMENT);
@@ -214,7 +214,7 @@ static void test_config_errors(void) {
 }
 
 static void test_create_and_getters(void) {
-    cspkv_buffer *b = make(config(2, 3, 5, 4, CSPKV_DTYPE_F32, CSPKV_POLICY_RING, 0, 0, 0, 0.f));
+    cspkv_buffer *b = make(config(2, 3, 5, 4, CSPKV_DTYPE_F32, CSPKV_EVICT_RING, 0, 0, 0, 0.f));
     size_t kv_bytes = 0, host_bytes = 0;
     CHECK_ST(cspkv_bytes_held(b, &kv_bytes, &host_bytes), CSPKV_OK);
     CHECK(kv_bytes == 2 * 2 * 3 * 5 * 4 * 4);
@@ -264,7 +264,7 @@ static void test_create_and_getters(void) {
 
 static void test_ring_scripted(void) {
     /* 1 layer, 2 heads, 4 slots; head 0 keeps prompt positions 3 and 7, head 1 only 5. */
-    cspkv_buffer *b = make(config(1, 2, 4, 3, CSPKV_DTYPE_F32, CSPKV_POLICY_RING, 0, 0, 0, 0.f));
+    cspkv_buffer *b = make(config(1, 2, 4, 3, CSPKV_DTYPE_F32, CSPKV_EVICT_RING, 0, 0, 0, 0.f));
     int64_t pos[4] = {3, 7, 5, 99};
     int32_t nv[2] = {2, 1}, slots[2], n_valid[2];
     CHECK_ST(prefill(b, 2, pos, nv, NULL, 10), CSPKV_OK);
@@ -295,7 +295,7 @@ static void test_ring_scripted(void) {
     cspkv_destroy(b);
 
     /* G = 0: a buffer full of prompt has nothing the ring may overwrite; nothing changes. */
-    b = make(config(1, 2, 3, 2, CSPKV_DTYPE_F32, CSPKV_POLICY_RING, 0, 0, 0, 0.f));
+    b = make(config(1, 2, 3, 2, CSPKV_DTYPE_F32, CSPKV_EVICT_RING, 0, 0, 0, 0.f));
     int64_t full[6] = {0, 1, 2, 0, 1, 2};
     int32_t nv2[2] = {2, 3};
     CHECK_ST(prefill(b, 3, full, nv2, NULL, 3), CSPKV_OK);
@@ -310,7 +310,7 @@ static void test_ring_scripted(void) {
 
 static void test_rescore_scripted(void) {
     /* n_recent 1, n_sink 1: the newest position and position 0 are protected. */
-    cspkv_buffer *b = make(config(1, 1, 4, 2, CSPKV_DTYPE_F32, CSPKV_POLICY_RESCORE, 1, 1, 0, 0.f));
+    cspkv_buffer *b = make(config(1, 1, 4, 2, CSPKV_DTYPE_F32, CSPKV_EVICT_RESCORE, 1, 1, 0, 0.f));
     int64_t pos[3] = {0, 1, 2};
     int32_t nv[1] = {3}, slot;
     float scores[3] = {5.f, 1.f, 3.f};
@@ -333,7 +333,7 @@ static void test_rescore_scripted(void) {
     cspkv_destroy(b);
 
     /* All-or-nothing: head 0 has a victim, head 1 holds only sinks -> error, head 0 untouched. */
-    b = make(config(1, 2, 2, 1, CSPKV_DTYPE_F32, CSPKV_POLICY_RESCORE, 0, 2, 0, 0.f));
+    b = make(config(1, 2, 2, 1, CSPKV_DTYPE_F32, CSPKV_EVICT_RESCORE, 0, 2, 0, 0.f));
     int64_t p2[4] = {5, 6, 0, 1};
     int32_t nv2[2] = {2, 2}, slots[2];
     CHECK_ST(prefill(b, 2, p2, nv2, NULL, 8), CSPKV_OK);
@@ -343,7 +343,7 @@ static void test_rescore_scripted(void) {
     cspkv_destroy(b);
 
     /* Everything recent: nothing to evict. */
-    b = make(config(1, 1, 2, 1, CSPKV_DTYPE_F32, CSPKV_POLICY_RESCORE, 10, 0, 0, 0.f));
+    b = make(config(1, 1, 2, 1, CSPKV_DTYPE_F32, CSPKV_EVICT_RESCORE, 10, 0, 0, 0.f));
     CHECK_ST(step(b, 0, &slot), CSPKV_OK);
     CHECK_ST(step(b, 1, &slot), CSPKV_OK);
     CHECK_ST(step(b, 2, &slot), CSPKV_ERR_NO_EVICTABLE);
@@ -352,7 +352,7 @@ static void test_rescore_scripted(void) {
 
 static void test_null_slot(void) {
     float logit = logf(2.f);
-    cspkv_buffer *b = make(config(1, 2, 3, 2, CSPKV_DTYPE_F16, CSPKV_POLICY_RING, 0, 0, 1, logit));
+    cspkv_buffer *b = make(config(1, 2, 3, 2, CSPKV_DTYPE_F16, CSPKV_EVICT_RING, 0, 0, 1, logit));
     float bias[6];
     CHECK_ST(cspkv_attention_bias(b, bias, 6), CSPKV_OK);
     CHECK(bias[2] == logit && bias[5] == logit && isinf(bias[0]) && isinf(bias[4]));
@@ -394,7 +394,7 @@ static void test_null_slot(void) {
 static void test_layouts(void) {
     /* fp32 and fp16 both move bit patterns exactly, into [L, 2, H, S, D]. */
     for (int dt = 0; dt < 2; dt++) {
-        cspkv_buffer *b = make(config(2, 3, 4, 5, dt, CSPKV_POLICY_RING, 0, 0, 0, 0.f));
+        cspkv_buffer *b = make(config(2, 3, 4, 5, dt, CSPKV_EVICT_RING, 0, 0, 0, 0.f));
         int64_t pos[18];
         int32_t nv[6] = {3, 0, 1, 2, 3, 1};
         for (int i = 0; i < 18; i++) pos[i] = 17 - i; /* distinct and < prompt_len 20 */
@@ -412,7 +412,7 @@ static void test_layouts(void) {
 }
 
 static void test_validation(void) {
-    cspkv_buffer *b = make(config(1, 2, 4, 2, CSPKV_DTYPE_F32, CSPKV_POLICY_RING, 0, 0, 0, 0.f));
+    cspkv_buffer *b = make(config(1, 2, 4, 2, CSPKV_DTYPE_F32, CSPKV_EVICT_RING, 0, 0, 0, 0.f));
     int64_t pos[4] = {0, 1, 0, 1};
     int32_t nv[2] = {2, 2}, slots[2];
     CHECK_ST(prefill(b, 2, pos, nv, NULL, 2), CSPKV_OK);
@@ -567,7 +567,7 @@ static int dev_copy(void *u, void *dst, const void *src, size_t n, int kind) {
 }
 
 static void test_allocator_hooks(void) {
-    cspkv_config c = config(2, 2, 3, 4, CSPKV_DTYPE_F16, CSPKV_POLICY_RING, 0, 0, 1, 0.f);
+    cspkv_config c = config(2, 2, 3, 4, CSPKV_DTYPE_F16, CSPKV_EVICT_RING, 0, 0, 1, 0.f);
     fake_dev d = {.fail_copy_after = -1};
     cspkv_allocator a = {dev_alloc, dev_free, dev_copy, &d};
     cspkv_buffer *b = NULL;
@@ -633,7 +633,7 @@ static void test_non_finite_kv(void) {
     const uint16_t bad16[3] = {0x7e00u, 0x7c00u, 0xfc00u};
     for (int dtype = CSPKV_DTYPE_F32; dtype <= CSPKV_DTYPE_F16; dtype++) {
         size_t elem = dtype == CSPKV_DTYPE_F16 ? 2 : 4;
-        cspkv_buffer *b = make(config(2, 2, 4, 3, dtype, CSPKV_POLICY_RING, 0, 0, 0, 0.f));
+        cspkv_buffer *b = make(config(2, 2, 4, 3, dtype, CSPKV_EVICT_RING, 0, 0, 0, 0.f));
         int32_t nv[4] = {2, 2, 2, 1}, slots[4];
         int8_t mod[8] = {0};
         int64_t pos8[8] = {0, 1, 1, 0, 0, 1, 1, 0};
