@@ -1,19 +1,13 @@
-"""The sensitivity script's group parser: a typo must be refused, not silently measured as "nothing kept"."""
-
-import importlib.util
-from pathlib import Path
+"""The int8 sensitivity tool's group parser: a typo must be refused, not silently measured as "nothing kept"."""
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "int8_sensitivity.py"
+from cspkv.quantize import sensitivity as sensitivity_module
 
 
 @pytest.fixture(scope="module")
 def sensitivity():
-    spec = importlib.util.spec_from_file_location("int8_sensitivity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sensitivity_module
 
 
 def test_layer_range_parses_ranges_and_single_layers(sensitivity):

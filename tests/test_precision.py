@@ -1,5 +1,5 @@
-"""FP16 / INT8 conversions of an fp32 export (cspkv.engines.precision), their calibration data
-(cspkv.calibration) and the runtime's kv_dtype, on the tiny GQA model's export (conftest)."""
+"""FP16 / INT8 conversions of an fp32 export (cspkv.quantize), their calibration data and the
+runtime's kv_dtype, on the tiny GQA model's export (conftest)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,13 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from cspkv.calibration import (
-    HOW_TO,
-    CalibrationError,
-    CalibrationSettings,
-    FeedReader,
-    build_calibration_set,
-    cache_key,
-    tiny_prompts,
-    train_prompts,
-)
-from cspkv.engines.onnx_runtime import OrtEngine
-from cspkv.engines.precision import PrecisionError, convert_export, scoring_path_nodes
-from cspkv.runtime.manifest import ManifestError, read_manifest
+from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
 from cspkv.models.tiny import multi_image_prompt
-from cspkv.runtime.pipeline import OnnxPipeline
+from cspkv.quantize.calibration import HOW_TO, CalibrationError, CalibrationSettings, FeedReader, build_calibration_set, cache_key
+from cspkv.quantize.calibration_prompts import tiny_prompts, train_prompts
+from cspkv.quantize.convert import PrecisionError, convert_export
+from cspkv.quantize.graph import scoring_path_nodes
+from cspkv.runtime.manifest import ManifestError, read_manifest
 
 # Tolerances on the tiny model (logits of magnitude ~0.5), prefill logits and one decode step fed the
 # same fp32 cache. fp16 measured ~4e-4; int8 measured ~0.05-0.07 max abs, cosine > 0.99. int8 graphs
@@ -149,7 +141,7 @@ def test_fp16_logits_close_to_fp32_and_kv_buffer_is_float16(fp32, converted):
     assert len(result.tokens) == 20 and result.kv_bytes == pipeline.buffer.nbytes
     assert np.abs(result.logits[0] - ref_out["logits"][0]).max() < FP16_ATOL
     kv_view = pipeline.buffer.kv.reshape(pipeline.layers, 2, 1, pipeline.heads, pipeline.n_slots, pipeline.head_dim)
-    assert [v.data_ptr() for v in pipeline._kv_values][:2] == [kv_view[0, 0].ctypes.data, kv_view[0, 1].ctypes.data]
+    assert [v.data_ptr() for v in pipeline.engine._kv_values][:2] == [kv_view[0, 0].ctypes.data, kv_view[0, 1].ctypes.data]
 
 
 # --- int8 --------------------------------------------------------------------------------------------
@@ -161,7 +153,8 @@ def test_int8_calibrates_only_weight_matmul_inputs_and_quantizes_as_full_calibra
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    from cspkv.engines.precision import calibrate_ranges, int8_options, quantize_weight_matmuls, weight_matmul_tensors
+    from cspkv.quantize.graph import weight_matmul_tensors
+    from cspkv.quantize.int8 import calibrate_ranges, int8_options, quantize_weight_matmuls
 
     manifest = read_manifest(fp32)
     calibration = build_calibration_set(fp32, "auto")
@@ -209,24 +202,24 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
                   and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
     plain = [n for n in graph.node if n.op_type == "MatMul" and n not in dq_matmuls]
     assert dq_matmuls and plain
-    from cspkv.engines.precision import activation_matmuls, weight_matmuls
+    from cspkv.quantize.graph import activation_matmuls, weight_matmuls
 
     fp32_prefill = onnx.load(str(fp32 / "prefill.onnx"))
     attention = activation_matmuls(fp32_prefill)      # attention / scoring MatMuls are not quantized
     assert attention and set(attention) <= {n.name for n in plain}
     assert {n.name for n in dq_matmuls} <= set(weight_matmuls(fp32_prefill))
     assert manifest["conversion"]["graphs"]["prefill"]["activation_matmuls_fp32"] == len(attention)
-    from cspkv.engines.precision import _module_of
+    from cspkv.quantize.graph import module_of
 
     excluded = set(manifest["conversion"]["graphs"]["prefill"]["excluded_nodes"])
-    lm_head = [n for n in plain if n.name in excluded and _module_of(n) == "lm_head"]
+    lm_head = [n for n in plain if n.name in excluded and module_of(n) == "lm_head"]
     assert len(lm_head) == 1                          # lm_head stays fp32
     fp32_graph = onnx.load(str(fp32 / "prefill.onnx")).graph
     kept = {n.name for n in fp32_graph.node if n.op_type == "MatMul"
-            and _module_of(n).endswith((".down_proj", ".k_proj", ".v_proj"))}
+            and module_of(n).endswith((".down_proj", ".k_proj", ".v_proj"))}
     assert len(kept) == 3 * read_manifest(fp32)["model"]["layers"] and kept <= excluded
     assert kept <= {n.name for n in plain}            # every down_proj, k_proj and v_proj stays fp32
-    q_proj = {n.name for n in fp32_graph.node if n.op_type == "MatMul" and _module_of(n).endswith(".q_proj")}
+    q_proj = {n.name for n in fp32_graph.node if n.op_type == "MatMul" and module_of(n).endswith(".q_proj")}
     assert len(q_proj) == read_manifest(fp32)["model"]["layers"]
     if flavour == "s8s8":                             # s8s8 keeps q_proj fp32 too: its shared input is lopsided
         assert q_proj <= {n.name for n in plain} and "q_proj" in manifest["conversion"]["exclude_module_types"]
@@ -249,54 +242,11 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
     assert len(result.tokens) == 8
 
 
-def _activation_scales(fp32_graph_path, quantized_graph_path) -> dict[str, float]:
-    """{module: activation scale} of the quantized weight MatMuls of a graph (the scale of the
-    DequantizeLinear that feeds the MatMul's activation input)."""
-    from cspkv.engines.precision import _module_of, weight_matmuls
-
-    fp32_model = onnx.load(str(fp32_graph_path))
-    matmuls = weight_matmuls(fp32_model)
-    modules = {n.name: _module_of(n) for n in fp32_model.graph.node if n.name in matmuls}
-    graph = onnx.load(str(quantized_graph_path)).graph
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    scales = {}
-    for node in graph.node:
-        dequant = producers.get(node.input[0]) if node.name in modules else None
-        if dequant is not None and dequant.op_type == "DequantizeLinear":
-            scales[modules[node.name]] = float(onnx.numpy_helper.to_array(inits[dequant.input[1]]))
-    return scales
-
-
-def test_int8_widened_decode_ranges_cover_prefill_ranges_of_the_same_module(fp32, converted, calib_cache,
-                                                                              tmp_path):
-    """Decode is calibrated on a few single-token steps. With widen_decode each of its activation ranges
-    is widened to the prefill range of the same module, so no decode scale is narrower than prefill's;
-    by default (off) some are."""
-    from cspkv.calibration import build_calibration_set
-    from cspkv.engines.precision import quantize_int8
-
-    plain = tmp_path / "plain"   # the default copies decode as fp32: quantize every graph here
-    quantize_int8(fp32, plain, "u8s8", build_calibration_set(fp32, "auto"))
-    assert "decode_inputs_widened" not in read_manifest(plain)["conversion"]
-    prefill = _activation_scales(fp32 / "prefill.onnx", plain / "prefill.onnx")
-    narrow = _activation_scales(fp32 / "decode.onnx", plain / "decode.onnx")
-    shared = sorted(set(prefill) & set(narrow))
-    assert len(shared) >= 4 and len(shared) == len(narrow)
-    assert any(narrow[m] < prefill[m] * (1 - 1e-3) for m in shared)
-    widened = tmp_path / "widened"
-    quantize_int8(fp32, widened, "u8s8", build_calibration_set(fp32, "auto"), widen_decode=True)
-    assert read_manifest(widened)["conversion"]["decode_inputs_widened"] > 0
-    decode = _activation_scales(fp32 / "decode.onnx", widened / "decode.onnx")
-    assert set(decode) == set(narrow)
-    assert all(decode[m] >= prefill[m] * (1 - 1e-6) for m in shared)
-
-
 def test_int8_keeps_the_chosen_projection_types_fp32_and_refuses_an_unknown_type(fp32, converted, calib_cache,
                                                                                   tmp_path):
     """keep_fp32_types replaces the default set: k/v_proj stay plain MatMuls, down_proj is quantized."""
     # k/v_proj only, so that down_proj (a default type) shows the default was replaced, not extended
-    from cspkv.engines.precision import _module_of
+    from cspkv.quantize.graph import module_of
 
     folder = tmp_path / "kv-fp32"
     convert_export(fp32, folder, "int8-u8s8", keep_fp32_types=["k_proj", "v_proj"])
@@ -306,7 +256,7 @@ def test_int8_keeps_the_chosen_projection_types_fp32_and_refuses_an_unknown_type
     producers = {o: n for n in graph.node for o in n.output}
 
     def quantized(suffix):
-        nodes = [n for n in graph.node if n.op_type == "MatMul" and _module_of(n).endswith(suffix)]
+        nodes = [n for n in graph.node if n.op_type == "MatMul" and module_of(n).endswith(suffix)]
         assert nodes
         # the weight input: k/v_proj share their activation (and its Q/DQ pair) with the quantized q_proj
         return {n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear" for n in nodes}
@@ -336,7 +286,7 @@ def test_int8_copies_the_decode_graph_as_fp32_by_default_and_refuses_an_unknown_
 # --- calibration ---------------------------------------------------------------------------------------
 
 def test_decode_feed_prompts_are_spread_over_every_task():
-    from cspkv.calibration.data import decode_feed_prompts
+    from cspkv.quantize.calibration import decode_feed_prompts
     from cspkv.evaluation.easyvqa_tasks import TASKS
 
     chosen = decode_feed_prompts(16, 12)
@@ -384,7 +334,7 @@ def test_calibration_set_is_cached_by_export_and_settings(fp32, calib_cache, mon
     key = cache_key(manifest, CalibrationSettings("tiny-synthetic", 8, 3, 4))
     assert (calib_cache / "calibration" / key / "meta.json").is_file()
     assert key != cache_key(manifest, CalibrationSettings("tiny-synthetic", 9, 3, 4))
-    import cspkv.calibration.data as data
+    import cspkv.quantize.calibration as data
 
     monkeypatch.setattr(data, "record_calibration_set", lambda *a, **k: pytest.fail("should come from the cache"))
     again = build_calibration_set(fp32)
@@ -394,9 +344,10 @@ def test_calibration_set_is_cached_by_export_and_settings(fp32, calib_cache, mon
 
 def test_calibration_prompts_come_from_the_training_split_only(monkeypatch):
     from cspkv.evaluation import easyvqa_tasks as tasks
+    from cspkv.data import easyvqa
 
     seen_splits = []
-    real_labels = tasks.load_labels
+    real_labels = easyvqa.load_labels
 
     def spy_labels(split):
         seen_splits.append(split)
@@ -502,14 +453,9 @@ def test_cli_exports_fp32_then_converts_to_int8_with_built_in_calibration(tmp_pa
 
 
 def _precision_table_script():
-    import importlib.util
-    from pathlib import Path
+    from cspkv.bench import precision_table
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "precision_table.py"
-    spec = importlib.util.spec_from_file_location("precision_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return precision_table
 
 
 def test_precision_task_table_reports_the_worst_loss_against_fp32_at_the_same_budget():

@@ -23,6 +23,12 @@ import numpy as np
 
 from cspkv.bench import machine
 from cspkv.bench.workload import bench_prompt
+from cspkv.export.exporter import ExportPlan, export_decode_graph, export_model
+from cspkv.export.graphs import VisionGraph
+from cspkv.models import default_model as dm
+from cspkv.models.registry import load_model
+from cspkv.quantize.convert import convert_export
+from cspkv.runtime.manifest import ManifestError, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 KVPRESS_SCRIPT = REPO / "scripts" / "bench_kvpress.py"
@@ -106,8 +112,6 @@ class Exports:
         self._shared: dict[str, Path] = {}
 
     def _usable(self, folder: Path) -> bool:
-        from cspkv.runtime.manifest import ManifestError, read_manifest
-
         try:
             read_manifest(folder, verify_hashes=False)
             return True
@@ -117,8 +121,6 @@ class Exports:
     def _shared_graphs(self) -> dict[str, Path]:
         if self._shared:
             return self._shared
-        from cspkv.export.exporter import ExportPlan, export_decode_graph, export_model
-
         base = self.root / f"{self.model_id}-shared"
         decode = base / "decode.dynamic.onnx"
         if not (self._usable(base) and decode.is_file()):
@@ -130,8 +132,6 @@ class Exports:
         return self._shared
 
     def folder(self, length: int, budget: float, precision: str) -> Path:
-        from cspkv.export.exporter import ExportPlan, export_model
-
         name = f"{self.model_id}-{self.config.policy}-P{length}-b{budget}-G{self.config.decode_slots}"
         fp32 = self.root / f"{name}-fp32"
         if not self._usable(fp32):
@@ -144,70 +144,13 @@ class Exports:
         target = self.root / f"{name}-{precision}"
         if self._usable(target):
             return target
-        if precision == "fp16":
-            from cspkv.engines.precision import convert_export
-
-            self.progress(f"converting {fp32.name} to fp16")
-            convert_export(fp32, target, "fp16", force=True, progress=self.progress)
-        else:
-            self._int8_decode_folder(fp32, target)
+        self.progress(f"converting {fp32.name} to {precision}")
+        convert_export(fp32, target, precision, force=True, progress=self.progress)   # as csp-export does
         return target
-
-    def _int8_decode_folder(self, fp32: Path, target: Path) -> None:
-        """INT8 decode graph (QDQ, u8s8 with 7-bit weights: safe on CPUs without VNNI) beside the
-        fp32 vision and prefill graphs. Calibrating prefill at every prompt length takes ~20 min
-        each here, so the bench quantizes the slot-symbolic decode graph once and fixes its slot
-        count per plan; decode latency is what precision changes most, and the table says the
-        prefill stayed fp32."""
-        from cspkv.export.exporter import ExportPlan, export_model
-        from cspkv.export.manifest import write_manifest
-        from cspkv.runtime.manifest import read_manifest
-
-        manifest = read_manifest(fp32, verify_hashes=False)
-        plan = ExportPlan(**manifest["plan"])
-        decode = self._int8_decode_dynamic()
-        self.progress(f"building {target.name} (int8 decode graph)")
-        export_model(self.model, target, plan, self.model_id, force=True, processor=self.processor,
-                     reuse={"vision": fp32 / "vision.onnx", "prefill": fp32 / "prefill.onnx",
-                            "decode_dynamic": decode})
-        built = read_manifest(target)
-        built["precision"] = "int8-u8s8"
-        built["conversion"] = {"graphs_quantized": ["decode"], "note": "prefill and vision graphs fp32",
-                               **json.loads(decode.with_suffix(".json").read_text())}
-        write_manifest(target, built)
-
-    def _int8_decode_dynamic(self) -> Path:
-        shared = self._shared_graphs()
-        out = shared["decode_dynamic"].with_name("decode.dynamic.int8-u8s8.onnx")
-        meta = out.with_suffix(".json")        # how it was quantized, recorded in each int8 manifest
-        if out.is_file() and meta.is_file():
-            return out
-        import onnx
-
-        from cspkv.engines import precision as pr
-
-        calibration_folder = self.folder(min(1024, max(self.config.lengths)), 0.5, "fp32")
-        self.progress(f"calibrating the int8 decode graph on {calibration_folder.name}'s train-split feeds")
-        calibration = pr.resolve_calibration(calibration_folder, "auto", self.progress)
-        reader = calibration.reader("decode", None)
-        source = shared["decode_dynamic"]
-        model = onnx.load(str(source))
-        with tempfile.TemporaryDirectory(prefix="cspkv-bench-ranges-") as tmp:
-            ranges_cache = Path(tmp) / "decode.json"      # calibrated once, read again by the quantizer
-            ranges = pr.calibrate_ranges(source, reader, ranges_cache)
-            outliers = pr.outlier_matmuls(model, ranges)
-            excluded = sorted(set(pr.module_nodes(model, pr.INT8_EXCLUDE_MODULES)) | set(outliers))
-            reader.rewind()
-            pr.quantize_weight_matmuls(source, out, model, reader, pr.int8_options("u8s8"), excluded, ranges_cache)
-        meta.write_text(json.dumps({"flavour": "u8s8", "excluded_fp32": len(excluded),
-                                               "calibration": calibration.meta}, default=str))
-        return out
 
 
 def _prompt_files(model, processor, lengths, work: Path) -> dict[int, dict[str, Path]]:
     import torch
-
-    from cspkv.export.graphs import VisionGraph
 
     files = {}
     vision = VisionGraph(model).eval()
@@ -226,8 +169,6 @@ def _prompt_files(model, processor, lengths, work: Path) -> dict[int, dict[str, 
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> BenchRun:
-    from cspkv.models.registry import load_model
-
     started = time.perf_counter()
     net, processor, model_id = load_model(config.model)
     net = net.float().eval()
@@ -319,8 +260,6 @@ def _model_dir(name: str) -> Path | None:
     """The cached checkpoint folder kvpress's environment loads (the default model only)."""
     if name != "default":
         return None
-    from cspkv.models import default_model as dm
-
     return dm.default_cache_dir() / f"default-{dm.cache_key(dm.locate_packages())}"
 
 

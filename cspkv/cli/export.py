@@ -41,7 +41,7 @@ def _params(cross_ratio, n, recent_ratio, window_ratio, policy):
               help="int8: u8s8 (uint8 activations, ONNX Runtime CPU) or s8s8 (symmetric int8, TensorRT).")
 @click.option("--calibration", default="auto", show_default=True,
               help="int8: 'auto' builds (and caches) the built-in set for --model default / tiny; or the folder "
-                   "of a saved calibration set (cspkv.calibration.record_calibration_set).")
+                   "of a saved calibration set (cspkv.quantize.calibration.record_calibration_set).")
 @click.option("--from", "from_folder", type=click.Path(), default=None,
               help="Convert this existing fp32 export folder to --precision instead of exporting again.")
 @click.option("--out", type=click.Path(), required=True, help="Output folder (graphs + manifest.json).")
@@ -98,8 +98,8 @@ def _export_precision(model, budget, policy, params, max_prompt, decode_slots, n
     import tempfile
     from pathlib import Path
 
-    from cspkv.calibration import HOW_TO, CalibrationError
-    from cspkv.engines.precision import PrecisionError, convert_export
+    from cspkv.quantize.calibration import HOW_TO, CalibrationError
+    from cspkv.quantize.convert import PrecisionError, convert_export
     from cspkv.export.exporter import ExportError, ExportPlan, export_model
     from cspkv.runtime.manifest import ManifestError
     from cspkv.models.registry import ModelNotFound, load_model

@@ -1,7 +1,7 @@
 """Recorded graph feeds for INT8 calibration, their on-disk cache, and the readers that feed them.
 
 A calibration set is what the fp32 export's three graphs actually receive on real prompts: the
-prompts go through :class:`~cspkv.runtime.pipeline.OnnxPipeline` (vision -> prefill -> a few decode
+prompts go through :class:`~cspkv.engines.onnx_runtime.OnnxPipeline` (vision -> prefill -> a few decode
 steps) and every feed of each graph is recorded. Decode feeds hold the whole K/V cache (tens of MB
 for the default model), so only a few of them are kept.
 
@@ -24,7 +24,12 @@ from typing import Callable
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from cspkv.calibration.prompts import (
+from cspkv.engines.generation import Pipeline
+from cspkv.engines.onnx_runtime import OrtEngine
+from cspkv.export.exporter import load_processor
+from cspkv.runtime.manifest import read_manifest
+
+from cspkv.quantize.calibration_prompts import (
     CALIBRATION_SEED,
     CalibrationError,
     CalibrationPrompt,
@@ -41,9 +46,9 @@ HOW_TO = (
     "INT8 needs calibration data recorded from prompts of the model's TRAINING data. Built-in sets "
     "exist for --model default (easy-VQA train split) and --model tiny (synthetic prompts); for "
     "this model, record one from the fp32 export with\n"
-    "    from cspkv.calibration import record_calibration_set\n"
+    "    from cspkv.quantize.calibration import record_calibration_set\n"
     "    record_calibration_set(FP32_FOLDER, prompts, OUT_FOLDER)\n"
-    "where prompts is a list of cspkv.calibration.CalibrationPrompt(input_ids [L] int64, "
+    "where prompts is a list of cspkv.quantize.calibration_prompts.CalibrationPrompt(input_ids [L] int64, "
     "pixel_values [N, 3, H, W] float32, source) built with the model's processor (a few dozen "
     "training prompts), then pass --calibration OUT_FOLDER."
 )
@@ -200,7 +205,6 @@ def record_calibration_set(fp32_folder: str | Path, prompts: list[CalibrationPro
     """Runs ``prompts`` through the fp32 export and records each graph's feeds (saved to ``out``
     when given). Decode feeds: one of the first ``decode_steps - 1`` steps (varying) of each of
     ``decode_feeds`` prompts spread over the list (:func:`decode_feed_prompts`)."""
-    from cspkv.engines.onnx_runtime import OrtEngine
 
     if not prompts:
         raise CalibrationError("no calibration prompts given")
@@ -215,8 +219,7 @@ def record_calibration_set(fp32_folder: str | Path, prompts: list[CalibrationPro
         # one decode feed from each chosen prompt, at a step that varies with the prompt (0: none)
         recorder.decode_step_to_keep = 1 + index % max(1, decode_steps - 1) if index in chosen else 0
         before = len(recorder.feeds["decode"])
-        recorder.pipeline.generate(prompt.input_ids, prompt.pixel_values, max_new_tokens=decode_steps,
-                                   keep_logits=False)
+        recorder.generate(prompt.input_ids, prompt.pixel_values, max_new_tokens=decode_steps, keep_logits=False)
         if len(recorder.feeds["decode"]) > before:
             decode_sources.append(prompt.source)
     settings = settings or CalibrationSettings("custom", len(prompts), decode_steps, decode_feeds)
@@ -244,37 +247,47 @@ class _SessionProxy:
         return getattr(self._session, name)
 
 
-class _Recorder:
-    def __init__(self, engine, decode_feeds: int):
-        from cspkv.runtime.pipeline import OnnxPipeline
+class _RecordingEngine:
+    """An engine that records the feed of one chosen decode step of each generation (as the decode
+    graph reads it: the bias after the step's slot choice, the whole K/V buffer) and otherwise is
+    the engine it wraps."""
 
+    def __init__(self, engine, recorder: "_Recorder"):
+        self._engine, self._recorder = engine, recorder
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def decode_step(self, token: int, position: int):
+        rec = self._recorder
+        rec.step += 1
+        if rec.step == rec.decode_step_to_keep and len(rec.feeds["decode"]) < rec.decode_feeds:
+            buffer = rec.pipeline.buffer
+            kv = np.array(buffer.kv).reshape(len(buffer.kv), 2, 1, *buffer.kv.shape[2:])
+            feed = {"token": np.array([[token]], np.int64), "position": np.array([position], np.int64),
+                    "bias": self._engine.bias.copy()}
+            for layer in range(len(kv)):
+                feed[f"past_key_{layer}"] = kv[layer, 0].copy()
+                feed[f"past_value_{layer}"] = kv[layer, 1].copy()
+            rec.feeds["decode"].append(feed)
+        return self._engine.decode_step(token, position)
+
+
+class _Recorder:
+    """Runs prompts through the export and keeps the vision and prefill feeds and chosen decode feeds."""
+
+    def __init__(self, engine, decode_feeds: int):
         self.feeds: dict[str, list] = {role: [] for role in ROLES}
         self.decode_feeds = decode_feeds
         self.decode_step_to_keep = 1
-        recorder = self
-
-        class RecordingPipeline(OnnxPipeline):
-            def generate(self, *args, **kwargs):
-                self._step = 0
-                return super().generate(*args, **kwargs)
-
-            def _decode(self, token, position):
-                self._step += 1
-                if self._step == recorder.decode_step_to_keep and len(recorder.feeds["decode"]) < recorder.decode_feeds:
-                    self._token[0, 0] = token
-                    self._position[0] = position
-                    bias = self.buffer.attention_bias().reshape(self._bias.shape)
-                    kv = np.array(self.buffer.kv).reshape(self.layers, 2, 1, self.heads, self.n_slots, self.head_dim)
-                    feed = {"token": self._token.copy(), "position": self._position.copy(), "bias": bias}
-                    for layer in range(self.layers):
-                        feed[f"past_key_{layer}"] = kv[layer, 0].copy()
-                        feed[f"past_value_{layer}"] = kv[layer, 1].copy()
-                    recorder.feeds["decode"].append(feed)
-                return super()._decode(token, position)
-
+        self.step = 0
         for role in ("vision", "prefill"):
             engine.sessions[role] = _SessionProxy(engine.sessions[role], self.feeds[role])
-        self.pipeline = RecordingPipeline(engine)
+        self.pipeline = Pipeline(_RecordingEngine(engine, self))
+
+    def generate(self, *args, **kwargs):
+        self.step = 0
+        return self.pipeline.generate(*args, **kwargs)
 
 
 def _auto_source(manifest: dict) -> str:
@@ -295,8 +308,6 @@ def build_calibration_set(fp32_folder: str | Path, source: str = "auto", setting
     easyvqa-train, or tiny-synthetic. Anything else raises :class:`CalibrationError` saying how
     to provide data.
     """
-    from cspkv.export.exporter import load_processor
-    from cspkv.runtime.manifest import read_manifest
 
     folder = Path(fp32_folder)
     manifest = read_manifest(folder)

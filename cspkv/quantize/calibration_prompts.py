@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cspkv.evaluation import easyvqa_tasks as tasks_module
+from cspkv.models.tiny import multi_image_prompt
+
 # Not the benchmark's TEST_SEED: a seed of its own, so calibration prompts are a fixed, separate
 # draw (from the train split's images, which never appear in the test split).
 CALIBRATION_SEED = 7_000_001
@@ -37,8 +40,6 @@ def train_prompts(processor, n_prompts: int, max_prompt: int, split: str = TRAIN
     if split != TRAIN_SPLIT:
         raise CalibrationError(f"calibration prompts come from the training split only, got split={split!r}: "
                                "the test split is what accuracy is measured on")
-    from cspkv.evaluation import easyvqa_tasks as tasks_module
-
     tasks = tuple(tasks or tasks_module.TASKS)
     prompts: list[CalibrationPrompt] = []
     per_task = {task: 0 for task in tasks}
@@ -69,8 +70,6 @@ def train_prompts(processor, n_prompts: int, max_prompt: int, split: str = TRAIN
 
 def tiny_prompts(n_prompts: int, max_prompt: int, seed: int = CALIBRATION_SEED) -> list[CalibrationPrompt]:
     """Synthetic multi-image prompts for the tiny test model (random tokens and pixels)."""
-    from cspkv.models.tiny import multi_image_prompt
-
     prompts = []
     for i in range(n_prompts):
         # 22 tokens per image (6 text + 16 image) plus 7: as many images as fit, at least one
