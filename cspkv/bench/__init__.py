@@ -1,1 +1,1 @@
-"""Benchmarks: the CI latency regression check (issue: benchmarks adds csp-bench)."""
+"""csp-bench (every runtime side by side, by its own tools), the precision table, and CI's latency gate."""

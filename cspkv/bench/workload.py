@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cspkv.models.prompting import chat_prompt, demo_images
+from cspkv.models.tiny import multi_image_prompt
+
 MAX_IMAGES = 8
 FILLER = ("The museum keeps its maps in a cool dry room. Visitors may ask to see them on weekday "
           "mornings, and the archivist explains how each one was drawn and restored. ")
@@ -33,13 +36,9 @@ def bench_prompt(model, processor, length: int) -> tuple[np.ndarray, np.ndarray]
     image_token = model.config.image_token_id
     n_images = images_for(length)
     if processor is None:                                  # the tiny random model: synthetic tokens
-        from cspkv.models.tiny import multi_image_prompt
-
         ids, pixels = multi_image_prompt(n_images, seed=length)
         filler = np.arange(2, 90, dtype=np.int64)          # below the tiny model's image token (99)
         return _splice(ids[0].numpy(), filler, image_token, length), pixels.numpy()
-    from cspkv.models.prompting import chat_prompt, demo_images
-
     size = getattr(processor, "image_size", None) or model.config.vision_config.image_size
     demo = demo_images(size)
     pictures = [demo[i % len(demo)] for i in range(n_images)]

@@ -1,1 +1,2 @@
-"""Static-shape ONNX export of LLaVA with the pruning policy inside the prefill graph (issue: export)."""
+"""Static-shape ONNX export of LLaVA with the pruning policy inside the prefill graph, the manifest
+writer, and the TensorRT readiness check."""

@@ -15,6 +15,7 @@ from cspkv.export.graphs import DecodeGraph, PrefillGraph, VisionGraph, decode_i
 from cspkv.export.manifest import build_manifest, write_manifest
 from cspkv.export.onnx_ops import CUSTOM_TRANSLATIONS
 from cspkv.models.llava import check_llava_like
+from cspkv.models.default_model import DefaultProcessor
 from cspkv.models.static_llama import DecoderShape
 from cspkv.pruning import check_budget, get_policy, keep_count
 from cspkv.runtime.slot_reference import null_slot_logit
@@ -176,8 +177,6 @@ def save_processor(processor, out: Path) -> dict | None:
     """Keep the tokenizer/processor beside the graphs, so running an export needs no model."""
     if processor is None:
         return None
-    from cspkv.models.default_model import DefaultProcessor
-
     if isinstance(processor, DefaultProcessor):
         processor.tokenizer.save_pretrained(out / "processor")
         return {"kind": "default", "path": "processor"}
@@ -193,8 +192,6 @@ def load_processor(folder: Path, manifest: dict):
     path = Path(folder) / spec["path"]
     if spec["kind"] == "default":
         from transformers import AutoTokenizer
-
-        from cspkv.models.default_model import DefaultProcessor
 
         return DefaultProcessor(AutoTokenizer.from_pretrained(path))
     from transformers import AutoProcessor

@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 
 from cspkv.durable import write_atomic
+from cspkv.models.static_llama import DecoderShape
 from cspkv.runtime.kv_buffer import ABI_VERSION
 from cspkv.runtime.manifest import (MANIFEST_NAME, MANIFEST_VERSION, PRECISIONS, STAMP_KEY, file_sha256,
                                     graph_stamp)
@@ -94,8 +95,6 @@ def finish_manifest(out: Path, manifest: dict) -> dict:
 
 def build_manifest(model, model_id, plan, out: Path, graphs: dict, opset: int, timings: dict,
                    processor: dict | None) -> dict:
-    from cspkv.models.static_llama import DecoderShape
-
     shape = DecoderShape(model.config.text_config)
     manifest = {
         "manifest_version": MANIFEST_VERSION,

@@ -1,1 +1,2 @@
-"""Model adapters: the LLaVA reference (llava), small config-built models (tiny), the default model."""
+"""Models: the LLaVA reference (prefill, pruning, decoding), the static decoder the graphs trace, small
+config-built models (tiny), the default model, and the prompt format (prompting)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cspkv.models.default_model import load_default_model
+from cspkv.models.tiny import tiny_llava
+
 LLAVA_ENV = "CSPKV_LLAVA_PATH"
 
 
@@ -15,13 +18,9 @@ class ModelNotFound(ValueError):
 def load_model(name: str):
     """Return (model, processor or None, model id) for a --model value."""
     if name == "default":
-        from cspkv.models.default_model import load_default_model
-
         model, processor = load_default_model()
         return model, processor, "default"
     if name == "tiny":
-        from cspkv.models.tiny import tiny_llava
-
         return tiny_llava(), None, "tiny"
     if name == "llava":
         path = os.environ.get(LLAVA_ENV)

@@ -1,1 +1,2 @@
-"""The fixed-budget KV buffer (C library with a C API), its Python binding and the generation loop."""
+"""The bottom layer of a deployment: the fixed-budget KV buffer (C library + Python binding), its slot
+specification in Python, and the reader that checks an export folder before anything runs."""
