@@ -101,3 +101,17 @@ def test_a_corrupt_image_file_is_one_line(tmp_path):
         load_images([truncated], 28)
     with pytest.raises(ValueError, match="is a folder, not an image file"):
         load_images([tmp_path], 28)
+
+
+def test_two_processes_on_one_export_folder_answer_as_one(exports):
+    """The export folder is only read: two csp-run processes at once give the single run's tokens."""
+    import subprocess
+    import sys
+
+    folder = str(exports("gqa", "csp", 0.5))
+    command = [sys.executable, "-m", "cspkv.cli.run", "--engine", folder, "--max-new-tokens", "8"]
+    alone = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate()[0] for p in both]
+    assert [p.returncode for p in both] == [0, 0]
+    assert outputs == [alone, alone] and alone.strip()

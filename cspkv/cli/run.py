@@ -169,3 +169,7 @@ def _run_engine(folder, images, prompt, max_new_tokens, eviction, given):
         raise click.ClickException(str(exc)) from None
     click.echo()
     click.echo(f"[{manifest['model'].get('id', folder)}] {result.summary()}", err=True)
+
+
+if __name__ == "__main__":
+    main()
