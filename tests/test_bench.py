@@ -103,6 +103,7 @@ def test_report_writes_table_json_and_plots(tiny_run, tmp_path):
     (["--precisions", "int4"], "unknown precision 'int4'"),
     (["--lengths", "1k"], "comma-separated integers"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["--peers", "hf_full,vllm"], "unknown peer 'vllm'"),
 ])
 def test_bad_arguments_are_refused_before_any_work(args, message):
     from cspkv.cli.bench import main

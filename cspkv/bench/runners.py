@@ -1,5 +1,6 @@
 """One benchmark configuration per function: the cspkv runtime on ONNX Runtime, transformers' own
-``generate`` with the full cache, and transformers with the cspkv PyTorch reference pruning.
+``generate`` with the full cache, transformers with the cspkv PyTorch reference pruning, and
+onnxruntime-genai's Generator on the language model (its folders: :mod:`cspkv.bench.ortgenai`).
 (kvpress runs in its own environment: scripts/bench_kvpress.py.)
 
 Each returns the raw timings (TTFT, every decode step) and the K/V bytes held after the last
@@ -35,6 +36,40 @@ def run_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int,
     result = pipeline.generate(ids, pixels, max_new_tokens=new_tokens, keep_logits=False, on_token=on_token)
     return _result(result.ttft_s, result.step_s, result.kv_bytes, tokens=len(result.tokens),
                    slots=pipeline.n_slots, kv_dtype=str(pipeline.buffer.dtype))
+
+
+def run_ortgenai(model_dir: str, ids: np.ndarray, new_tokens: int, threads: int | None = None) -> dict:
+    """onnxruntime-genai's Generator (CPU, greedy, exactly ``new_tokens`` tokens) on a folder its model
+    builder wrote. Its K/V is one static buffer per layer of max_length = prompt + new tokens positions
+    (past_present_share_buffer), allocated before prefill; kv_bytes is that buffer's size."""
+    import json
+
+    import onnxruntime_genai as og
+
+    config = og.Config(model_dir)
+    config.clear_providers()                                     # the CPU provider
+    if threads:
+        options = {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    model = og.Model(config)
+    total = len(ids) + new_tokens
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=1)
+    generator = og.Generator(model, params)
+    stamps = [time.perf_counter()]
+    generator.append_tokens(ids[None].astype(np.int32))          # prefill
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()                          # the first picks from prefill's logits
+        tokens.append(int(generator.get_next_tokens()[0]))
+        stamps.append(time.perf_counter())
+    with open(f"{model_dir}/genai_config.json") as f:
+        decoder = json.load(f)["model"]["decoder"]
+    buffer = generator.get_input(decoder["inputs"]["past_key_names"] % 0)   # [1, kv heads, max_length, head dim]
+    kv_bytes = decoder["num_hidden_layers"] * 2 * buffer.nbytes
+    return _result(stamps[1] - stamps[0], list(np.diff(stamps[1:])), kv_bytes, tokens=len(tokens),
+                   token_ids=tokens, max_length=int(buffer.shape[2]), kv_dtype=str(buffer.dtype),
+                   ortgenai_version=og.__version__)
 
 
 class _StepClock:

@@ -1,11 +1,11 @@
 """csp-bench's run: every runtime, length, budget and precision side by side in one invocation.
 
-The parent process measures the machine (description, copy bandwidth), builds the prompts and the
-export folders, then runs each configuration in a fresh worker process (cspkv.bench.worker, or
-scripts/bench_kvpress.py in kvpress's own environment) and summarises: median / p90 decode step,
-TTFT, tokens/s, K/V bytes held, peak RSS, the ratio to transformers' full-cache generate at the same
-length, and the distance to the bandwidth floor (weights + K/V a step must read, over the measured
-copy bandwidth).
+The parent process measures the machine (description, copy bandwidth), builds the prompts, the
+export folders and onnxruntime-genai's model folders, then runs each configuration in a fresh worker
+process (cspkv.bench.worker, or scripts/bench_kvpress.py in kvpress's own environment) and
+summarises: median / p90 decode step, TTFT, tokens/s, K/V bytes held, peak RSS, the ratio to
+transformers' full-cache generate at the same length, and the distance to the bandwidth floor
+(weights at the row's precision + K/V a step must read, over the measured copy bandwidth).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from cspkv.bench import machine
+from cspkv.bench import ortgenai as ortgenai_peer
 from cspkv.bench.workload import bench_prompt
 from cspkv.export.exporter import ExportPlan, export_decode_graph, export_model
 from cspkv.export.graphs import VisionGraph
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 KVPRESS_SCRIPT = REPO / "scripts" / "bench_kvpress.py"
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}     # per weight element of a MatMul-dominated model
 KVPRESS_PRESSES = ("snapkv", "streaming_llm")
+PEERS = ("hf_full", "hf_reference", "kvpress", "ortgenai")
 
 
 @dataclass
@@ -51,7 +53,7 @@ class BenchConfig:
     scaling_every: int = 256
     kvpress_python: str | None = None
     exports_dir: str = str(Path.home() / ".cache" / "cspkv" / "bench-exports")
-    peers: tuple[str, ...] = ("hf_full", "hf_reference", "kvpress")
+    peers: tuple[str, ...] = PEERS
     threads: int | None = None      # intra-op threads of every runtime (None: each runtime's default, all cores)
 
 
@@ -187,11 +189,21 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> B
     prompts = _prompt_files(net, processor, sorted(set(lengths) | {config.scaling_length}), work)
     exports = Exports(net, model_id, processor, Path(config.exports_dir), config, progress)
     model_dir = _model_dir(config.model)
+    ortgenai = None
+    if "ortgenai" in config.peers:
+        reason = ortgenai_peer.missing_reason()
+        if reason:
+            run.notes.append(f"onnxruntime-genai not run: {reason}")
+            progress(f"onnxruntime-genai skipped: {reason}")
+        else:
+            ortgenai = ortgenai_peer.OrtGenaiModels(net, getattr(processor, "tokenizer", processor), model_id,
+                                                    Path(config.exports_dir), progress)
 
     def record(runtime: str, length: int, budget: float, precision: str, raw: dict, **extra) -> None:
         row = {"runtime": runtime, "length": length, "budget": budget, "precision": precision,
                **summarise(raw), **extra}
-        floor_bytes = elements * WEIGHT_BYTES[precision] + row["kv_bytes"]
+        per_weight = WEIGHT_BYTES.get(precision) or ortgenai_peer.WEIGHT_BYTES[precision]
+        floor_bytes = elements * per_weight + row["kv_bytes"]
         row["floor_ms"] = 1e3 * floor_bytes / (run.bandwidth["gb_per_s"] * 1e9)
         row["x_floor"] = row["step_median_ms"] / row["floor_ms"]
         run.rows.append(row)
@@ -211,6 +223,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> B
         if "hf_full" in config.peers:
             attempt(f"hf_full L={length}", lambda: record(
                 "transformers full", length, 1.0, "fp32", _worker({**base, "kind": "hf_full"})))
+        for precision in ortgenai_peer.PRECISIONS if ortgenai else ():
+            def peer(precision=precision):
+                raw = _worker({**base, "kind": "ortgenai", "folder": str(ortgenai.folder(precision))})
+                record(f"onnxruntime-genai {precision}", length, 1.0, precision, raw,
+                       version=raw["ortgenai_version"], max_length=raw["max_length"])
+            attempt(f"onnxruntime-genai {precision} L={length}", peer)
         for budget in config.budgets:
             if "hf_reference" in config.peers:
                 attempt(f"hf_reference L={length} b={budget}", lambda: record(

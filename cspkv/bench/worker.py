@@ -20,10 +20,6 @@ def run(spec: dict) -> dict:
     from cspkv.bench.machine import peak_rss_bytes, rss_bytes
 
     threads = spec.get("threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     prompt = np.load(spec["prompt"])
     ids, pixels = prompt["ids"], prompt["pixels"]
     kind, new_tokens = spec["kind"], spec["new_tokens"]
@@ -34,7 +30,13 @@ def run(spec: dict) -> dict:
             out = runners.run_cspkv(spec["folder"], ids, pixels, new_tokens, threads)
         else:
             out = {"points": runners.scaling_cspkv(spec["folder"], ids, pixels, new_tokens, spec["every"], threads)}
+    elif kind == "ortgenai":        # the language model alone: the prompt's ids, image positions included
+        out = runners.run_ortgenai(spec["folder"], ids, new_tokens, threads)
     else:
+        import torch                # only the torch runtimes load it, so the others' peak RSS holds none of it
+
+        if threads:
+            torch.set_num_threads(threads)
         from cspkv.models.registry import load_model
 
         model = load_model(spec["model"])[0].float().eval()

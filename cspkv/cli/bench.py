@@ -36,7 +36,9 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Generated length of the scaling run (0 skips it).")
 @click.option("--scaling-every", type=int, default=256, show_default=True)
 @click.option("--scaling-length", type=int, default=1024, show_default=True, help="Prompt length of the scaling run.")
-@click.option("--peers", default="hf_full,hf_reference,kvpress", show_default=True)
+@click.option("--peers", default="hf_full,hf_reference,kvpress,ortgenai", show_default=True,
+              help="Peers beside cspkv: hf_full (transformers generate), hf_reference (transformers + cspkv "
+                   "pruning), kvpress, ortgenai (onnxruntime-genai fp32 and int4; skipped if not installed).")
 @click.option("--kvpress-python", type=click.Path(), default=None,
               help="Python of an environment with kvpress (transformers < 5.3); see scripts/bench_kvpress.py.")
 @click.option("--threads", type=int, default=None,
@@ -50,18 +52,22 @@ def main(model, lengths, budgets, precisions, policy, new_tokens, decode_slots, 
     from pathlib import Path
 
     from cspkv.bench import report
-    from cspkv.bench.suite import BenchConfig, WEIGHT_BYTES, run_bench, to_json
+    from cspkv.bench.suite import PEERS, BenchConfig, WEIGHT_BYTES, run_bench, to_json
 
     precision_list = tuple(p for p in precisions.split(",") if p)
     unknown = [p for p in precision_list if p not in WEIGHT_BYTES]
     if unknown:
         raise click.BadParameter(f"unknown precision {unknown[0]!r}: choose from {', '.join(WEIGHT_BYTES)}")
+    peer_list = tuple(p for p in peers.split(",") if p)
+    unknown = [p for p in peer_list if p not in PEERS]
+    if unknown:
+        raise click.BadParameter(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}")
     if new_tokens < 2:
         raise click.BadParameter("--new-tokens must be >= 2 (the first token comes from prefill)")
     config = BenchConfig(model=model, lengths=_ints(lengths), budgets=_floats(budgets), precisions=precision_list,
                          policy=policy, new_tokens=new_tokens, decode_slots=decode_slots,
                          scaling_tokens=scaling_tokens, scaling_every=scaling_every, scaling_length=scaling_length,
-                         peers=tuple(p for p in peers.split(",") if p), kvpress_python=kvpress_python, threads=threads)
+                         peers=peer_list, kvpress_python=kvpress_python, threads=threads)
     if exports_dir:
         config.exports_dir = exports_dir
     try:
