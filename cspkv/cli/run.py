@@ -1,12 +1,15 @@
 """csp-run: generate with pruning after prefill and a fixed number of KV slots.
 
-`--engine DIR` runs an export folder on ONNX Runtime with the C-owned fixed-budget KV buffer;
-`--model NAME` runs the PyTorch reference instead (same pruning, same slot semantics).
+`--engine DIR` runs an export folder on ONNX Runtime with the C-owned fixed-budget KV buffer and the
+runtime's own processor, without torch or transformers (only an export that kept a transformers
+processor, kind 'hf', loads transformers). `--model NAME` runs the PyTorch reference instead (same
+pruning, same slot semantics).
 """
 
 import time
 
 import click
+import numpy as np
 
 MIB = 1024 * 1024
 # The reference's defaults; an export fixes its own (plan.budget, plan.policy, plan.decode_slots).
@@ -82,10 +85,12 @@ def main(engine, model, images, prompt, policy, budget, max_new_tokens, eviction
         if processor is None:                    # the tiny model: a synthetic multi-image prompt
             if images or prompt:
                 raise click.UsageError(f"--model {model} has no processor: --image/--prompt need a real model")
-            from cspkv.models.tiny import multi_image_prompt
+            import torch
 
-            ids, pixels = multi_image_prompt(4)
-            result = generate_from_ids(net, ids, pixels, **decode)
+            vision = net.config.vision_config          # tiny models drop CLS: one token per patch
+            ids, pixels = synthetic_prompt(4, net.config.image_token_id, (vision.image_size // vision.patch_size) ** 2,
+                                           vision.image_size, net.config.text_config.vocab_size)
+            result = generate_from_ids(net, torch.from_numpy(ids)[None], torch.from_numpy(pixels), **decode)
             answer = " ".join(map(str, result.tokens))
         else:
             from cspkv.models.prompting import chat_prompt, demo_images, demo_question, load_images
@@ -122,10 +127,41 @@ def refuse_export_overrides(plan: dict, given: dict) -> None:
                                    f"when it was exported: drop {flag}, or re-run csp-export with {flag} {value}")
 
 
+def synthetic_prompt(n_images: int, image_token_id: int, image_tokens: int, image_size: int, vocab_size: int,
+                     text_len: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """What a model without a processor (the tiny test models) runs on: input_ids [L] with
+    ``n_images`` runs of ``image_tokens`` image tokens between random text tokens, and random
+    pixel_values [n_images, 3, image_size, image_size]."""
+    rng = np.random.default_rng(seed)
+
+    def text():
+        drawn = rng.integers(0, vocab_size - 1, text_len)
+        return drawn + (drawn >= image_token_id)            # any token but the image token
+
+    parts = [part for _ in range(n_images) for part in (text(), np.full(image_tokens, image_token_id))]
+    ids = np.concatenate([*parts, text()]).astype(np.int64)
+    return ids, rng.standard_normal((n_images, 3, image_size, image_size), dtype=np.float32)
+
+
+def engine_processor(folder, manifest: dict):
+    """The export's processor: the runtime's own for kind 'default' (no torch), transformers' for
+    kind 'hf' (needs the full install)."""
+    from cspkv.runtime.processor import PROCESSOR_KIND, Processor
+
+    spec = manifest["processor"]
+    if spec["kind"] == PROCESSOR_KIND:
+        return Processor(folder, spec)
+    try:
+        from cspkv.export.exporter import load_processor
+    except ImportError as exc:
+        raise click.ClickException(f"this export's processor (kind {spec['kind']!r}) runs through transformers, "
+                                   f"which this install lacks ({exc}): pip install 'cspkv[full]'") from None
+    return load_processor(folder, manifest)
+
+
 def _run_engine(folder, images, prompt, max_new_tokens, eviction, given):
-    from cspkv.export.exporter import load_processor
-    from cspkv.runtime.manifest import ManifestError, read_manifest
     from cspkv.engines.onnx_runtime import OnnxPipeline
+    from cspkv.runtime.manifest import ManifestError, read_manifest
 
     try:
         refuse_export_overrides(read_manifest(folder, verify_hashes=False)["plan"], given)
@@ -140,31 +176,31 @@ def _run_engine(folder, images, prompt, max_new_tokens, eviction, given):
             f"{n_images} images take {n_images} x {plan['image_tokens']} = {n_images * plan['image_tokens']} prompt "
             f"tokens, but this export takes at most {plan['max_prompt']} (plan.max_prompt): use fewer images or "
             "re-export with a larger --max-prompt")
-    processor = load_processor(pipeline.engine.folder, manifest)
+    spec = manifest["processor"]
     try:
-        if processor is None:
+        if spec is None:
             if images or prompt:
                 raise click.UsageError("this export has no processor (tiny model): --image/--prompt need a real model")
-            from cspkv.models.tiny import multi_image_prompt
-
-            ids, pixels = multi_image_prompt(4)
-            ids, pixels, decode = ids[0].numpy(), pixels.numpy(), str
-            eos = None
+            model = manifest["model"]
+            ids, pixels = synthetic_prompt(4, model["image_token_id"], plan["image_tokens"], plan["image_size"],
+                                           model["vocab_size"])
+            decode, eos = str, None
         else:
-            from cspkv.models.prompting import chat_prompt, demo_images, demo_question, load_images
+            from cspkv.models.prompting import chat_prompt, demo_images, demo_question
+            from cspkv.runtime.processor import load_images
 
+            processor = engine_processor(pipeline.engine.folder, manifest)
             size = plan["image_size"]
-            pictures = load_images(images, size) if images else demo_images(size)
-            question = prompt or demo_question()
-            inputs = processor(text=chat_prompt(processor, question, len(pictures)), images=pictures,
-                               return_tensors="pt")
-            ids, pixels = inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy()
+            pictures = load_images(images, size, spec.get("resize_filter", "bilinear")) if images \
+                else demo_images(size)
+            inputs = processor(text=chat_prompt(processor, prompt or demo_question(), len(pictures)),
+                               images=pictures, return_tensors="np")
+            ids, pixels = np.asarray(inputs["input_ids"][0]), np.asarray(inputs["pixel_values"], np.float32)
             tokenizer = getattr(processor, "tokenizer", processor)
             eos = tokenizer.eos_token_id
             decode = lambda token: tokenizer.decode([token], skip_special_tokens=True)  # noqa: E731
         result = pipeline.generate(ids, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                   on_token=lambda token: click.echo(decode(token) + ("" if processor else " "),
-                                                                     nl=False))
+                                   on_token=lambda token: click.echo(decode(token) + ("" if spec else " "), nl=False))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo()

@@ -3,7 +3,7 @@
 4,000 train / 1,000 test 64x64 PNGs, each showing one shape (circle, rectangle, triangle) in one of
 eight colours on a noisy light background. Its questions give every image's colour and shape (read
 off by :func:`load_labels`; the ~10% of images whose questions do not pin both down are left out).
-Images are upscaled to 224x224 (bilinear) for the default model's DINOv2 tower.
+Images are upscaled to 224x224 (bilinear, numpy) for the default model's DINOv2 tower.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import functools
 import re
 
 import numpy as np
-import torch
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -77,11 +76,53 @@ def image_paths(split: str) -> dict[int, str]:
     return (evqa.get_train_image_paths if split == "train" else evqa.get_test_image_paths)()
 
 
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a * b + c`` rounded once to float32, as a fused multiply-add computes it. The float32 product is
+    exact in float64; the float64 sum is rounded to odd (TwoSum gives its error), which makes the final
+    rounding to float32 exact."""
+    product = a.astype(np.float64) * b.astype(np.float64)
+    addend = np.broadcast_to(c, product.shape).astype(np.float64)
+    total = product + addend
+    virtual = total - product
+    error = (product - (total - virtual)) + (addend - virtual)
+    even = (total.view(np.int64) & 1) == 0
+    total = np.where((error != 0) & even, np.nextafter(total, np.copysign(np.inf, error)), total)
+    return total.astype(np.float32)
+
+
+def _taps(n_in: int, n_out: int):
+    """Per output pixel, the two source pixels and their weights of a bilinear resize with half-pixel
+    centres (align_corners=False), in float32 as torch's CPU kernel computes them."""
+    f = np.float32
+    centres = np.arange(n_out, dtype=f) + f(0.5)
+    source = np.maximum(_fma(np.full(n_out, f(n_in) / f(n_out), f), centres, np.full(n_out, f(-0.5))), f(0))
+    first = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    weight = np.clip(source - first.astype(f), f(0), f(1))
+    return first, first + (first < n_in - 1), f(1) - weight, weight
+
+
 def upscale(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Bilinear resize of an HxWx3 uint8 image to size x size (torch, no torchvision)."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    """Bilinear resize of an HxWx3 uint8 image to size x size with numpy.
+
+    Equal, pixel for pixel, to ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``
+    then round and clamp, as torch's multi-threaded CPU kernels (built with FMA) compute it, in float32
+    throughout (tests/test_easyvqa_resize.py compares them). torch picks its kernel by output size:
+    above 128 output rows + columns, each two-tap sum ``p * w0 + q * w1`` is ``fma(p, w0, q * w1)``,
+    across a row first, then between rows; up to 128, the four taps are summed at once with the
+    weights' products. (On one thread torch always runs the second, which differs from the first by 1
+    on about 11 pixels of a 224 x 224 image.)"""
+    rows0, rows1, h0, h1 = _taps(image.shape[0], size)
+    cols0, cols1, w0, w1 = _taps(image.shape[1], size)
+    x = np.asarray(image).astype(np.float32)
+    w0, w1, h0, h1 = w0[None, :, None], w1[None, :, None], h0[:, None, None], h1[:, None, None]
+    if 2 * size > 128:
+        across = _fma(x[:, cols0], w0, x[:, cols1] * w1)   # every source row, resized across
+        out = _fma(across[rows0], h0, across[rows1] * h1)
+    else:
+        top, bottom = x[rows0], x[rows1]
+        out = _fma(top[:, cols0], h0 * w0, top[:, cols1] * (h0 * w1))
+        out = _fma(bottom[:, cols1], h1 * w1, _fma(bottom[:, cols0], h1 * w0, out))
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -16,6 +16,7 @@ from cspkv.export.manifest import build_manifest, write_manifest
 from cspkv.export.onnx_ops import CUSTOM_TRANSLATIONS
 from cspkv.models.llava import check_llava_like
 from cspkv.models.default_model import DefaultProcessor
+from cspkv.models.prompting import RESIZE_FILTER
 from cspkv.models.static_llama import DecoderShape
 from cspkv.pruning import check_budget, get_policy, keep_count
 from cspkv.runtime.slot_reference import null_slot_logit
@@ -174,12 +175,18 @@ def replace_castlike(path: Path) -> None:
 
 
 def save_processor(processor, out: Path) -> dict | None:
-    """Keep the tokenizer/processor beside the graphs, so running an export needs no model."""
+    """Keep the tokenizer/processor beside the graphs, so running an export needs no model; returns
+    the manifest's ``processor`` entry (for the default model, with its image preprocessing)."""
     if processor is None:
         return None
     if isinstance(processor, DefaultProcessor):
         processor.tokenizer.save_pretrained(out / "processor")
-        return {"kind": "default", "path": "processor"}
+        # what the runtime's processor (cspkv.runtime.processor) needs besides the tokenizer files
+        return {"kind": "default", "path": "processor", "image_size": int(processor.image_size),
+                "image_mean": [float(v) for v in processor.image_mean],
+                "image_std": [float(v) for v in processor.image_std],
+                "image_token": processor.image_token, "image_token_id": int(processor.image_token_id),
+                "image_tokens": int(processor.num_image_tokens), "resize_filter": RESIZE_FILTER}
     processor.save_pretrained(out / "processor")
     return {"kind": "hf", "path": "processor"}
 

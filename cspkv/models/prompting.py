@@ -12,8 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from cspkv.data.easyvqa import load_image, load_labels
+from cspkv.runtime.processor import load_images as read_images
 
 IMAGE_TOKEN = "<image>"
+# How image files are brought to the model's image size (Pillow's filter; exports record it).
+RESIZE_FILTER = "bilinear"
 # The system message of every training conversation and benchmark prompt (and csp-run's prompts).
 SYSTEM_PROMPT = "You answer questions about images."
 CONTEXT_FORMATS = ("labelled", "prefix")
@@ -73,23 +76,8 @@ def chat_prompt(processor, question: str, n_images: int) -> str:
 
 
 def load_images(paths, size: int) -> list[np.ndarray]:
-    """Read image files as size x size RGB uint8 arrays (Pillow), resizing with bilinear filtering."""
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR)))
-        except FileNotFoundError:
-            raise ValueError(f"image {path} does not exist") from None
-        except UnidentifiedImageError:
-            raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, ...)") from None
-        except IsADirectoryError:
-            raise ValueError(f"{path} is a folder, not an image file") from None
-        except (OSError, Image.DecompressionBombError) as exc:  # truncated or corrupt image data
-            raise ValueError(f"{path} cannot be decoded as an image ({exc}): pass an intact PNG or JPEG") from None
-    return images
+    """Read image files as size x size RGB uint8 arrays (Pillow), resized with ``RESIZE_FILTER``."""
+    return read_images(paths, size, RESIZE_FILTER)
 
 
 def demo_images(size: int = 224) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-MANIFEST_VERSION = 3  # 3: graphs carry a cspkv stamp (role, model, plan); processor files are hashed
+MANIFEST_VERSION = 4  # 4: the processor entry records the image preprocessing and the image token
 MANIFEST_NAME = "manifest.json"
 STAMP_KEY = "cspkv.graph"       # ONNX metadata_props key of the stamp
 ROLES = ("vision", "prefill", "decode")
@@ -35,6 +35,8 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8-u8s8": "float32", "int
 STAMPED_MODEL = ("fingerprint", "layers", "heads", "kv_heads", "head_dim", "hidden_size", "vocab_size",
                  "image_token_id")
 REDO = "re-run csp-export"
+# Pillow filters an export may name for bringing image files to plan.image_size (processor.resize_filter)
+RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 class ManifestError(ValueError):
@@ -157,6 +159,30 @@ def _check_fields(manifest: dict, folder: Path, path: Path) -> None:
             raise f.fail(f"processor is {processor!r}, expected null or a kind 'default' or 'hf' and a path")
         if not _inside(folder, processor.get("path"), "processor.path", f).is_dir():
             raise f.fail(f"processor.path {processor.get('path')!r} is not a folder of the export")
+        if processor["kind"] == "default":
+            _check_preprocessing(f)
+
+
+def _check_preprocessing(f: _Fields) -> None:
+    """The preprocessing a ``default`` processor entry records, and its agreement with model and plan."""
+    f.expect("processor.image_size", f.integer("processor.image_size"), f.get("plan.image_size"), "= plan.image_size")
+    f.expect("processor.image_tokens", f.integer("processor.image_tokens"), f.get("plan.image_tokens"),
+             "= plan.image_tokens")
+    f.expect("processor.image_token_id", f.integer("processor.image_token_id", 0), f.get("model.image_token_id"),
+             "= model.image_token_id")
+    token = f.get("processor.image_token")
+    if not isinstance(token, str) or not token:
+        raise f.fail(f"processor.image_token is {token!r}, expected the image placeholder's text, e.g. '<image>'")
+    for name, low in (("processor.image_mean", -math.inf), ("processor.image_std", 0.0)):
+        values = f.get(name)
+        if not (isinstance(values, list) and len(values) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low
+                        for v in values)):
+            kind = "positive numbers" if low == 0.0 else "finite numbers"
+            raise f.fail(f"{name} is {values!r}, expected 3 {kind} (one per RGB channel)")
+    if f.get("processor.resize_filter") not in RESIZE_FILTERS:
+        raise f.fail(f"processor.resize_filter is {f.get('processor.resize_filter')!r}, expected one of "
+                     f"{', '.join(RESIZE_FILTERS)}")
 
 
 def read_manifest(folder: str | Path, verify_hashes: bool = True) -> dict:
