@@ -139,3 +139,10 @@ def test_a_killed_sweep_resumes_to_the_records_of_an_uninterrupted_one(tmp_path)
         return {key: {k: v for k, v in r.items() if k != "seconds"} for key, r in zip(keys, rows)}
 
     assert by_prompt(records) == by_prompt(fresh)
+
+
+def test_an_atomic_write_has_the_permissions_of_a_plain_new_file(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    write_atomic(tmp_path / "atomic", "x")
+    assert os.stat(tmp_path / "atomic").st_mode == os.stat(plain).st_mode
