@@ -17,13 +17,16 @@ import onnxruntime as ort
 
 from cspkv.engines.generation import TEXT, Pipeline, vision_in_batches
 from cspkv.runtime.kv_buffer import KVBuffer
-from cspkv.runtime.manifest import STAMP_KEY, ManifestError, check_graphs, kv_dtype, read_manifest
+from cspkv.runtime.manifest import (STAMP_KEY, ManifestError, check_graphs, kv_dtype, read_manifest,
+                                   weights_table)
 from cspkv.runtime.slot_reference import RING
 
 # onnxruntime's NodeArg.type -> numpy dtype name, as manifest.json writes them
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+# See shared_weights: repacked copies would double the memory the shared weights file saves.
+DISABLE_PREPACKING = True
 PREFILL_OUTPUTS = ("logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass")
 
 
@@ -33,6 +36,28 @@ def session_io(session: ort.InferenceSession) -> dict:
         return {a.name: (list(a.shape), _ORT_TYPES.get(a.type, a.type)) for a in args}
 
     return {"inputs": specs(session.get_inputs()), "outputs": specs(session.get_outputs())}
+
+
+def shared_weights(folder: Path, manifest: dict, options: ort.SessionOptions) -> list:
+    """Read the export's shared weights file once and give every tensor in it to ``options``, so the
+    prefill and decode sessions both run on these buffers instead of each loading its own copy.
+
+    ONNX Runtime would still repack each MatMul weight into a per-session copy (its Python API has
+    no shared pre-packed weights container), so repacking is turned off for these sessions. Returns
+    the buffer and its OrtValues, which must outlive the sessions; [] for an export without one.
+    """
+    table = weights_table(folder, manifest)
+    if not table:
+        return []
+    blob = np.fromfile(folder / manifest["weights"]["file"], dtype=np.uint8)
+    values: list = [blob]                                            # the OrtValues do not own it
+    for name, (offset, nbytes, dtype, shape) in table.items():
+        array = blob[offset:offset + nbytes].view(np.dtype(dtype)).reshape(shape)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))       # wraps the buffer, no copy (CPU)
+        options.add_initializer(name, values[-1])
+    if DISABLE_PREPACKING:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return values
 
 
 class OrtEngine:
@@ -49,6 +74,7 @@ class OrtEngine:
         options = session_options or ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self._weights = shared_weights(self.folder, self.manifest, options)
         self.sessions = {}
         for role, name in self.manifest["graphs"].items():
             try:

@@ -14,6 +14,7 @@ import torch
 from cspkv.export.graphs import DecodeGraph, PrefillGraph, VisionGraph, decode_input_names
 from cspkv.export.manifest import build_manifest, write_manifest
 from cspkv.export.onnx_ops import CUSTOM_TRANSLATIONS
+from cspkv.export.weights import share_weights
 from cspkv.models.llava import check_llava_like
 from cspkv.models.default_model import DefaultProcessor
 from cspkv.models.prompting import RESIZE_FILTER
@@ -263,7 +264,10 @@ def export_model(model, out_dir: str | Path, plan: ExportPlan, model_id: str, fo
             with torch.no_grad():
                 _export_one(module, inputs[role], target, role, names[role])
         timings[role] = round(time.perf_counter() - start, 2)
-    manifest = build_manifest(model, model_id, plan, out, {r: f"{r}.onnx" for r in modules}, OPSET, timings,
-                              save_processor(processor, out))
+    graphs = {r: f"{r}.onnx" for r in modules}
+    progress("storing the language model's weights once for prefill and decode")
+    weights = share_weights(out, graphs)
+    manifest = build_manifest(model, model_id, plan, out, graphs, OPSET, timings, save_processor(processor, out),
+                              weights)
     write_manifest(out, manifest)
     return manifest

@@ -85,6 +85,8 @@ def finish_manifest(out: Path, manifest: dict) -> dict:
         stamp_graph(out / name, graph_stamp(manifest, role))
     manifest["io"] = {role: io_specs(out / name) for role, name in manifest["graphs"].items()}
     names = list(manifest["graphs"].values())
+    if manifest.get("weights"):
+        names += [manifest["weights"]["file"], manifest["weights"]["table"]]
     if manifest.get("processor"):
         folder = out / manifest["processor"]["path"]
         names += sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
@@ -94,7 +96,7 @@ def finish_manifest(out: Path, manifest: dict) -> dict:
 
 
 def build_manifest(model, model_id, plan, out: Path, graphs: dict, opset: int, timings: dict,
-                   processor: dict | None) -> dict:
+                   processor: dict | None, weights: dict | None = None) -> dict:
     shape = DecoderShape(model.config.text_config)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -111,6 +113,7 @@ def build_manifest(model, model_id, plan, out: Path, graphs: dict, opset: int, t
                   "kept_at_budget": f"ceil({plan.budget} * valid_length)"},
         "graphs": graphs,
         "processor": processor,
+        "weights": weights,
         "runtime_abi": ABI_VERSION,
         "opset": opset,
         "exporter": "torch.onnx dynamo",

@@ -24,19 +24,24 @@ from pathlib import Path
 
 import numpy as np
 
-MANIFEST_VERSION = 4  # 4: the processor entry records the image preprocessing and the image token
+MANIFEST_VERSION = 5  # 5: the shared weights file (weights); 4: the processor entry records the preprocessing
 MANIFEST_NAME = "manifest.json"
 STAMP_KEY = "cspkv.graph"       # ONNX metadata_props key of the stamp
 ROLES = ("vision", "prefill", "decode")
 # precision -> dtype of the K/V tensors (prefill `kv`, decode `past_*` / `new_kv`) and of the runtime's
 # C buffer. fp32 graphs come from csp-export; the others are converted from them.
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8-u8s8": "float32", "int8-s8s8": "float32"}
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "int8-u8s8": "float32", "int8-s8s8": "float32",
+              "int4": "float32"}
 # model / plan entries a graph's stamp must agree on (the graph was traced with them)
 STAMPED_MODEL = ("fingerprint", "layers", "heads", "kv_heads", "head_dim", "hidden_size", "vocab_size",
                  "image_token_id")
 REDO = "re-run csp-export"
 # Pillow filters an export may name for bringing image files to plan.image_size (processor.resize_filter)
 RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+# The language model's weights, stored once for prefill and decode (cspkv.export.weights), and their table
+WEIGHTS_FILE, TABLE_FILE = "weights.bin", "weights.json"
+# dtypes of the tensors in an export's shared weights file
+WEIGHT_DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 
 
 class ManifestError(ValueError):
@@ -204,7 +209,7 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> dict:
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise ManifestError(f"{path} has manifest version {manifest.get('manifest_version')!r}; this "
                             f"cspkv reads version {MANIFEST_VERSION}: re-export with this cspkv")
-    for key in ("precision", "kv_dtype", "processor"):
+    for key in ("precision", "kv_dtype", "processor", "weights"):
         if key not in manifest:
             raise ManifestError(f"{path}: {key} is missing: {REDO}")
     precision = manifest["precision"]
@@ -217,6 +222,12 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> dict:
                             f"{PRECISIONS[precision]} K/V: {REDO}")
     _check_fields(manifest, folder, path)
     fields = _Fields(manifest, path)
+    if precision == "int4":          # the blocks the graphs were quantized in, as csp-export records them
+        block = fields.integer("conversion.block_size", 16)
+        if block & (block - 1):
+            raise fields.fail(f"conversion.block_size is {block}, expected a power of two")
+        if not isinstance(fields.get("conversion.symmetric"), bool):
+            raise fields.fail("conversion.symmetric is not true or false")
     for name, meta in manifest["files"].items():
         file = _inside(folder, name, "files", fields)
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("bytes"), int):
@@ -228,7 +239,47 @@ def read_manifest(folder: str | Path, verify_hashes: bool = True) -> dict:
                                 f"(truncated or replaced): {REDO}")
         if verify_hashes and file_sha256(file) != meta["sha256"]:
             raise ManifestError(f"{file} does not match its manifest hash (corrupt or replaced): {REDO}")
+    if manifest.get("weights") is not None:
+        _check_weights(fields, folder)
     return manifest
+
+
+def _check_weights(f: _Fields, folder: Path) -> None:
+    """The shared weights file and its table (``weights.file``, ``weights.table``) lie in the folder
+    and are hashed (so the table is checked against the graphs' export, not just against itself)."""
+    if not isinstance(f.get("weights"), dict):
+        raise f.fail(f"weights is {f.get('weights')!r}, expected null or the shared weights file and its table")
+    for key in ("file", "table"):
+        name = f.get(f"weights.{key}")
+        _inside(folder, name, f"weights.{key}", f)
+        if name not in f.get("files"):
+            raise f.fail(f"weights.{key} names {name!r}, which files does not list (no hash to check it by)")
+
+
+def weights_table(folder: str | Path, manifest: dict) -> dict[str, tuple[int, int, str, list[int]]]:
+    """The shared weights of a checked export (:func:`read_manifest`): ``{name: (offset, nbytes, dtype,
+    shape)}``, each entry fitting the weights file; {} for an export without one."""
+    spec = manifest.get("weights")
+    if not spec:
+        return {}
+    folder = Path(folder)
+    path, size = folder / spec["table"], manifest["files"][spec["file"]]["bytes"]
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is corrupt ({exc}): {REDO}") from None
+    if not isinstance(table, dict) or not table:
+        raise ManifestError(f"{path} is not a table of tensors: {REDO}")
+    for name, entry in table.items():
+        if not (isinstance(entry, list) and len(entry) == 4 and entry[2] in WEIGHT_DTYPES
+                and isinstance(entry[3], list)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*entry[:2], *entry[3]))):
+            raise ManifestError(f"{path}: {name} is {entry!r}, expected [offset, bytes, dtype, shape]: {REDO}")
+        offset, nbytes, dtype, shape = entry
+        if math.prod(shape) * np.dtype(dtype).itemsize != nbytes or offset + nbytes > size:
+            raise ManifestError(f"{path}: {name} ({dtype} {shape} at bytes {offset}..{offset + nbytes}) does not fit "
+                                f"{spec['file']} ({size} bytes): {REDO}")
+    return {name: tuple(entry) for name, entry in table.items()}
 
 
 # ---- the manifest against the graphs ------------------------------------------------------------
