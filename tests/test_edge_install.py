@@ -133,4 +133,4 @@ def test_an_export_of_an_older_manifest_version_is_refused(with_processor, tmp_p
         del manifest["processor"][key]
     (work / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(csp_run, ["--engine", str(work)])
-    assert result.exit_code == 1 and "has manifest version 3; this cspkv reads version 4: re-export" in result.output
+    assert result.exit_code == 1 and "has manifest version 3; this cspkv reads version 5: re-export" in result.output
