@@ -25,8 +25,11 @@ from cspkv.runtime.slot_reference import RING
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
-# See shared_weights: repacked copies would double the memory the shared weights file saves.
+# See shared_weights: repacked copies would double the memory the shared weights file saves. Only float
+# exports share their MatMul weights; int8/int4 keep their quantized weights inline and repacked (their
+# kernels are built on it), sharing only float tables such as the embedding.
 DISABLE_PREPACKING = True
+FLOAT_PRECISIONS = ("fp32", "fp16")
 PREFILL_OUTPUTS = ("logits", "kv", "slot_position", "slot_modality", "slot_valid", "slot_mass")
 
 
@@ -43,7 +46,7 @@ def shared_weights(folder: Path, manifest: dict, options: ort.SessionOptions) ->
     prefill and decode sessions both run on these buffers instead of each loading its own copy.
 
     ONNX Runtime would still repack each MatMul weight into a per-session copy (its Python API has
-    no shared pre-packed weights container), so repacking is turned off for these sessions. Returns
+    no shared pre-packed weights container), so repacking is turned off for float exports. Returns
     the buffer and its OrtValues, which must outlive the sessions; [] for an export without one.
     """
     table = weights_table(folder, manifest)
@@ -55,7 +58,7 @@ def shared_weights(folder: Path, manifest: dict, options: ort.SessionOptions) ->
         array = blob[offset:offset + nbytes].view(np.dtype(dtype)).reshape(shape)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))       # wraps the buffer, no copy (CPU)
         options.add_initializer(name, values[-1])
-    if DISABLE_PREPACKING:
+    if DISABLE_PREPACKING and manifest["precision"] in FLOAT_PRECISIONS:
         options.add_session_config_entry("session.disable_prepacking", "1")
     return values
 

@@ -1,8 +1,8 @@
 """One copy of the language model's weights for the prefill and decode graphs.
 
 Both graphs are traced from the same model, so they hold the same weight tensors under different
-exporter-generated names. :func:`share_weights` gives every weight (a large initializer that only
-MatMul, Gather and their quantized forms read) a name derived from its content, stores each distinct tensor once in ``weights.bin`` (standard ONNX external data, so
+exporter-generated names. :func:`share_weights` gives every float weight (a large float initializer
+that only MatMul, Gemm or Gather read) a name derived from its content, stores each distinct tensor once in ``weights.bin`` (standard ONNX external data, so
 onnx, polygraphy and TensorRT's parser read the graphs as usual) and returns the table the manifest
 records. The ONNX Runtime engine reads ``weights.bin`` once and hands the same buffers to both
 sessions (:mod:`cspkv.engines.onnx_runtime`), where two self-contained graph files would each be
@@ -26,10 +26,12 @@ from cspkv.runtime.manifest import WEIGHTS_FILE, TABLE_FILE
 SHARED_ROLES = ("prefill", "decode")
 PREFIX = "cspkv.w"         # shared initializer names: cspkv.w0, cspkv.w1, ...
 MIN_BYTES = 1024           # smaller constants stay inside their graph
-# Only weights move: initializers read by these ops alone. Other constants (rotary tables, masks) stay
-# inline, where ONNX Runtime's graph optimizer can fold them (with a shared rotary table its fusions
-# produce a wrong broadcast).
-WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Gather", "MatMulNBits", "DequantizeLinear"})
+# Only float weights move: initializers read by these ops alone. Other constants (rotary tables, masks)
+# stay inline, where ONNX Runtime's graph optimizer can fold them (with a shared rotary table its fusions
+# produce a wrong broadcast), and so do quantized weights, whose DequantizeLinear -> MatMul fusions and
+# repacking into ONNX Runtime's int8/int4 kernels need constant initializers of the graph's own.
+WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Gather"})
+WEIGHT_DTYPES = (np.float32, np.float16)
 ALIGN = 64                 # every tensor starts on a 64-byte boundary (aligned loads, no copy to realign)
 
 
@@ -110,7 +112,8 @@ def share_weights(folder: str | Path, graphs: dict[str, str]) -> dict:
             kept, renamed, written = [], {}, set()
             for tensor in graph.initializer:
                 array = numpy_helper.to_array(tensor)
-                if array.nbytes < MIN_BYTES or tensor.name in outputs or not readers.get(tensor.name, {""}) <= WEIGHT_OPS:
+                if (array.nbytes < MIN_BYTES or tensor.name in outputs or array.dtype not in WEIGHT_DTYPES
+                        or not readers.get(tensor.name, {""}) <= WEIGHT_OPS):
                     kept.append(tensor)
                     continue
                 data = np.ascontiguousarray(array).tobytes()
