@@ -398,8 +398,8 @@ def _copy_with_manifest(src, dst, **changes):
 
 
 def test_unknown_precision_and_mismatched_kv_dtype_are_refused(fp32, converted, tmp_path):
-    bad = _copy_with_manifest(fp32, tmp_path / "int4", precision="int4")
-    with pytest.raises(ManifestError, match="precision 'int4'.*fp32, fp16, int8-u8s8, int8-s8s8"):
+    bad = _copy_with_manifest(fp32, tmp_path / "int2", precision="int2")
+    with pytest.raises(ManifestError, match="precision 'int2'.*fp32, fp16, int8-u8s8, int8-s8s8, int4"):
         OnnxPipeline(bad)
     lying = _copy_with_manifest(converted["fp16"], tmp_path / "lying", kv_dtype="float32")
     with pytest.raises(ManifestError, match="kv_dtype is 'float32', but a fp16 export holds float16 K/V"):
