@@ -100,7 +100,7 @@ def test_report_writes_table_json_and_plots(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--budgets", "1.5"], "budgets must be in (0, 1]"),
-    (["--precisions", "int4"], "unknown precision 'int4'"),
+    (["--precisions", "int2"], "unknown precision 'int2'"),
     (["--lengths", "1k"], "comma-separated integers"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),
     (["--peers", "hf_full,vllm"], "unknown peer 'vllm'"),

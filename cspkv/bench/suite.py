@@ -33,7 +33,7 @@ from cspkv.runtime.manifest import ManifestError, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 KVPRESS_SCRIPT = REPO / "scripts" / "bench_kvpress.py"
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}     # per weight element of a MatMul-dominated model
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5 + 4 / 32}  # per weight element (int4: + a float32 scale per block of 32)
 KVPRESS_PRESSES = ("snapkv", "streaming_llm")
 PEERS = ("hf_full", "hf_reference", "kvpress", "ortgenai")
 

@@ -28,7 +28,7 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--model", default="default", show_default=True, help="default | tiny | llava | PATH.")
 @click.option("--lengths", default="512,1024,2048,4096", show_default=True, help="Prompt lengths (tokens).")
 @click.option("--budgets", default="1.0,0.5,0.2", show_default=True)
-@click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="Of the cspkv runtime.")
+@click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="Of the cspkv runtime (fp32, fp16, int8, int4).")
 @click.option("--policy", default="csp", show_default=True, help="Pruning policy of the exports and the reference.")
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="Generated tokens per configuration.")
 @click.option("--decode-slots", type=int, default=64, show_default=True, help="Ring slots for generated tokens.")

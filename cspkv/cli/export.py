@@ -80,7 +80,8 @@ def main(model, budget, policy, cross_ratio, n, recent_ratio, window_ratio, max_
     total = 0
     for name, meta in manifest["files"].items():
         total += meta["bytes"]
-        click.echo(f"  {name:<14} {meta['bytes'] / 2**20:9.1f} MiB  ({manifest['export_seconds'][name[:-5]]:.1f} s)")
+        seconds = manifest["export_seconds"].get(name.removesuffix(".onnx"))     # graphs only
+        click.echo(f"  {name:<28} {meta['bytes'] / 2**20:9.1f} MiB" + (f"  ({seconds:.1f} s)" if seconds is not None else ""))
     slots = manifest["slots"]
     click.echo(f"wrote {target} ({total / 2**20:.1f} MiB): {policy} {json.dumps(plan.policy_params)}, "
                f"budget {budget} -> {slots['prompt_max']} prompt slots + {slots['decode']} decode slots"

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import onnx
 
 from cspkv.export.manifest import finish_manifest, package_versions, write_manifest
+from cspkv.export.weights import WEIGHTS_FILE, share_weights
 from cspkv.quantize.calibration import CalibrationSet, build_calibration_set
 from cspkv.quantize.fp16 import FP16_OP_BLOCK, fp16_graph
 from cspkv.quantize.int4 import (INT4_BLOCK_SIZE, INT4_GRAPHS, INT4_SYMMETRIC, Int4Error, check_block_size,
@@ -52,6 +53,8 @@ def _prepare(src: Path, dst: Path, force: bool) -> None:
             raise PrecisionError(f"{dst} already exists and is not empty: choose another --out or pass --force")
         shutil.rmtree(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    if (src / WEIGHTS_FILE).is_file():     # graphs copied unchanged still read it; _finish rewrites it
+        shutil.copy2(src / WEIGHTS_FILE, dst / WEIGHTS_FILE)
 
 
 def _finish(src: Path, dst: Path, source: dict, precision: str, conversion: dict) -> dict:
@@ -69,6 +72,7 @@ def _finish(src: Path, dst: Path, source: dict, precision: str, conversion: dict
         "conversion": conversion,
         "versions": package_versions(),
     })
+    manifest["weights"] = share_weights(dst, manifest["graphs"])
     write_manifest(dst, finish_manifest(dst, manifest))
     return read_manifest(dst)  # what the runtime will check
 
