@@ -105,10 +105,12 @@ def test_report_writes_table_json_and_plots(tiny_run, tmp_path):
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),
     (["--peers", "hf_full,vllm"], "unknown peer 'vllm'"),
 ])
-def test_bad_arguments_are_refused_before_any_work(args, message):
+def test_bad_arguments_are_refused_before_any_work(args, message, tmp_path):
     from cspkv.cli.bench import main
 
-    result = CliRunner().invoke(main, ["--model", "tiny", *args])
+    # --out and --exports-dir in tmp_path: an argument that is wrongly accepted must not overwrite results/
+    result = CliRunner().invoke(main, ["--model", "tiny", "--out", str(tmp_path), "--exports-dir", str(tmp_path),
+                                       *args])
     assert result.exit_code != 0 and message in result.output
 
 
