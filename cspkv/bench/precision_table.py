@@ -4,7 +4,7 @@
     python scripts/precision_table.py --model tiny --n-per-task 2 --max-prompt 256 --out /tmp/p.json
 
 For every budget: export fp32 once (reused from --work when the plan matches), convert it to each
-precision (fp16, int8-u8s8, int8-s8s8; calibrated on the easy-VQA TRAIN split, cached), then run the
+precision (fp16, int8-u8s8, int8-s8s8 calibrated on the easy-VQA TRAIN split and cached, int4), then run the
 easy-VQA benchmark's TEST prompts through OnnxPipeline and score them with answers.score.
 Prompt selection: for each task, the first --n-per-task prompts of test_samples(task) whose token
 count is <= --max-prompt (the same prompts for every budget and precision; the chosen sample ids are in
@@ -41,7 +41,7 @@ from cspkv.quantize.convert import convert_export
 from cspkv.quantize.int8 import INT8_FLAVOUR_FP32_TYPES, INT8_FP32_GRAPHS
 from cspkv.runtime.manifest import ManifestError, read_manifest
 
-PRECISIONS = ("fp32", "fp16", "int8-u8s8", "int8-s8s8")
+PRECISIONS = ("fp32", "fp16", "int8-u8s8", "int8-s8s8", "int4")
 
 
 def log(message: str) -> None:
