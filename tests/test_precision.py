@@ -113,10 +113,12 @@ def test_fp16_keeps_the_pruning_scores_and_top_k_in_fp32(fp32, converted):
     graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     types.update({i.name: i.data_type for i in graph.initializer})
-    topk = [n for n in graph.node if n.op_type == "TopK"]
-    assert topk and all(types[n.input[0]] in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) for n in topk)
-    # the scoring path's exp/reductions (n-softmax statistics) read float32
     blocked = set(scoring_path_nodes(onnx.load(str(fp32 / "prefill.onnx"))))
+    # the selection compares scores in float32 (the threshold search and its ties)
+    compares = [n for n in graph.node if n.name in blocked and n.op_type in ("GreaterOrEqual", "Greater", "Equal")]
+    assert compares and all(types[n.input[0]] != onnx.TensorProto.FLOAT16 for n in compares)
+    assert sum(types[n.input[0]] == onnx.TensorProto.FLOAT for n in compares) >= 31
+    # the scoring path's exp/reductions (n-softmax statistics) read float32
     stats = [n for n in graph.node if n.name in blocked and n.op_type in ("Exp", "ReduceMax", "ReduceSum")]
     assert all(types[n.input[0]] != onnx.TensorProto.FLOAT16 for n in stats)   # float32 (or integer counts)
     assert sum(types[n.input[0]] == onnx.TensorProto.FLOAT for n in stats) >= 3 * 2      # per layer: max, exp, sums

@@ -257,3 +257,84 @@ def test_tensor_budgets_match_int_budgets():
         as_int = policy.keep_mask(scores, key_mod, 13)
         as_tensor = policy.keep_mask(scores, key_mod, torch.tensor([13]))
         assert torch.equal(as_int, as_tensor), name
+
+
+def _sorted_top_k(scores, allowed, k):
+    """The stable-sort reference of top_k_mask (ties to the lower index)."""
+    from cspkv.pruning.base import _as_batch, rank_descending
+    return allowed & (rank_descending(scores.masked_fill(~allowed, float("-inf"))) < _as_batch(k, scores))
+
+
+def _selection_cases(seed, count):
+    """Scores as the policies make them (>= 0): random, many exact ties (pooled / rounded),
+    subnormal, all zero; masks with gaps; k from 0 to every allowed entry, per batch row."""
+    g = torch.Generator().manual_seed(seed)
+    for case in range(count):
+        length = int(torch.randint(1, 200, (1,), generator=g))
+        scores = torch.rand(2, 3, length, generator=g)
+        kind = case % 5
+        if kind == 1:
+            scores = torch.round(scores * 4) / 4
+        elif kind == 2:
+            scores = scores * 1e-40                             # subnormal float32
+        elif kind == 3:
+            scores = torch.zeros_like(scores)
+        elif kind == 4:
+            scores = torch.nn.functional.max_pool1d(scores.reshape(6, 1, length), 5, stride=1,
+                                                    padding=2).reshape(2, 3, length)
+        allowed = torch.rand(2, 1, length, generator=g) > 0.3
+        k = torch.stack([torch.randint(0, int(n) + 1, (1,), generator=g)[0] for n in allowed.sum(-1)[:, 0]])
+        yield scores, allowed, k
+
+
+def test_sort_free_selection_equals_the_stable_sort():
+    """The graphs' selection (threshold by bit-pattern bisection, ties by a running count) keeps
+    exactly the entries a stable descending sort ranks below k; bit patterns round-trip exactly."""
+    import numpy as np
+
+    from cspkv.pruning.base import float_from_bits, mask_to_indices, top_k_mask_by_threshold
+
+    bits = np.concatenate([[0, 1, 2, 0x7FFFFF, 0x800000, 0x3F800000, 0x3F800001, 0x7F7FFFFF],
+                           np.random.default_rng(0).integers(0, 0x7F800000, 20000)]).astype(np.int64)
+    assert np.array_equal(float_from_bits(torch.from_numpy(bits)).numpy().view(np.int32), bits.astype(np.int32))
+    for scores, allowed, k in _selection_cases(0, 250):
+        chosen = top_k_mask_by_threshold(scores, allowed, k)
+        assert torch.equal(chosen, _sorted_top_k(scores, allowed, k))
+        assert torch.equal(chosen.sum(-1), k[:, None].expand(2, 3))
+    g = torch.Generator().manual_seed(1)
+    for length in (1, 7, 300):
+        keep = torch.rand(2, 3, length, generator=g) > 0.5
+        key = torch.where(keep, length - torch.arange(length), 0)
+        expected = torch.sort(key, dim=-1, descending=True, stable=True).indices
+        assert torch.equal(mask_to_indices(keep, length), expected)    # kept ascending, then dropped
+
+
+def test_exported_selection_equals_the_stable_sort_without_top_k(tmp_path):
+    """The same selection traced to ONNX and run by ONNX Runtime: identical masks, and the graph
+    holds no TopK (TensorRT's TopK takes K < 3840; this works at any length)."""
+    import onnx
+    import onnxruntime as ort
+
+    from cspkv.pruning.base import mask_to_indices, top_k_mask
+
+    class Select(torch.nn.Module):
+        def forward(self, scores, allowed, k):
+            keep = top_k_mask(scores, allowed, k)
+            return keep, mask_to_indices(keep.expand(2, 3, -1), scores.shape[-1])
+
+    length = 8192
+    example = (torch.rand(2, 3, length), torch.ones(2, 1, length, dtype=torch.bool), torch.tensor([4096, 5000]))
+    path = tmp_path / "select.onnx"
+    torch.onnx.export(Select(), example, str(path), dynamo=True, opset_version=18, verbose=False)
+    assert not any(node.op_type == "TopK" for node in onnx.load(str(path)).graph.node)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(2)
+    cases = [example] + [(torch.nn.functional.pad(s, (0, length - s.shape[-1])),
+                          torch.nn.functional.pad(a, (0, length - a.shape[-1])), k)
+                         for s, a, k in _selection_cases(3, 10)]
+    cases.append((torch.round(torch.rand(2, 3, length, generator=g) * 8) / 8, example[1], torch.tensor([4095, 3840])))
+    for scores, allowed, k in cases:
+        keep, order = session.run(None, {"scores": scores.numpy(), "allowed": allowed.numpy(), "k": k.numpy()})
+        expected = _sorted_top_k(scores, allowed, k)
+        assert (keep == expected.numpy()).all()
+        assert (order == mask_to_indices(expected.expand(2, 3, -1), length).numpy()).all()

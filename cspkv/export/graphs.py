@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from cspkv.models.static_llama import DecoderShape, decode_step, prefill_layers
+from cspkv.models.static_llama import ATTENTION_BLOCK, DecoderShape, decode_step, prefill_layers
 from cspkv.models.llava import causal_window_logits
 from cspkv.pruning import IMAGE, PAD, PruningPolicy, keep_count
 from cspkv.pruning.base import MASS_WINDOW_RATIO, floor_ratio
@@ -48,6 +48,26 @@ def window_rows(valid_length: torch.Tensor, rows_needed: torch.Tensor, max_rows:
     return positions, in_window
 
 
+def window_sum(q, k, key_modality, rows, in_window, scaling, row_sums, chunk: int = ATTENTION_BLOCK):
+    """Each ``row_sum(logits, query_modality)`` of ``row_sums`` summed over the window ``rows``,
+    ``chunk`` rows at a time (one logits tensor per chunk serves them all).
+
+    Every window quantity (policy scores, re-score mass) is a sum over rows of a row-local
+    function, so chunking gives the same sums while the largest logits tensor stays
+    [H_q, chunk, P]: the window is 10% of P, and all of it at once would grow with P^2.
+    Rows outside the window carry query modality PAD and add nothing.
+    """
+    totals = [None] * len(row_sums)
+    for start in range(0, rows.shape[0], chunk):
+        part_rows = rows[start:start + chunk]
+        query_modality = torch.where(in_window[None, start:start + chunk], key_modality[:, part_rows], PAD)
+        logits = causal_window_logits(q[:, :, part_rows], k, part_rows, scaling)
+        for i, row_sum in enumerate(row_sums):
+            part = row_sum(logits, query_modality)
+            totals[i] = part if totals[i] is None else totals[i] + part
+    return totals
+
+
 class PrefillGraph(nn.Module):
     def __init__(self, model, policy: PruningPolicy, budget: float, max_prompt: int, n_slots: int):
         super().__init__()
@@ -64,6 +84,9 @@ class PrefillGraph(nn.Module):
         # Static row counts: the most rows a window can need at P valid tokens.
         self.max_score_rows = int(policy.scoring_window(max_prompt))
         self.max_mass_rows = max(1, math.floor(MASS_WINDOW_RATIO * max_prompt))
+        # The score's rows are the mass rows when the policy scores the default window.
+        self.shared_window = (policy.uses_window_attention and policy.window_ratio == MASS_WINDOW_RATIO
+                              and type(policy).scoring_window is PruningPolicy.scoring_window)
 
     def forward(self, input_ids, image_embeds, modality, valid_length):
         text_embeds = self.text.embed_tokens(input_ids)
@@ -81,14 +104,24 @@ class PrefillGraph(nn.Module):
 
         def on_layer(index, q, k, v):
             scaling = self.text.layers[index].self_attn.scaling
-            query_modality = torch.where(score_in[None], key_modality[:, score_rows], PAD)
-            logits = causal_window_logits(q[:, :, score_rows], k, score_rows, scaling)
-            scores = self.policy.score(logits, key_modality, query_modality)
+
+            def score(logits, rows):
+                return self.policy.score(logits, key_modality, rows)
+
+            def window_mass(logits, rows):
+                return PruningPolicy.window_probabilities(logits, key_modality, rows).sum(dim=(2, 3))
+
+            if self.shared_window:      # the score's window is the mass window: one pass for both
+                scores, mass = window_sum(q, k, key_modality, mass_rows, mass_in, scaling, [score, window_mass])
+            else:
+                mass, = window_sum(q, k, key_modality, mass_rows, mass_in, scaling, [window_mass])
+                if self.policy.uses_window_attention:
+                    scores, = window_sum(q, k, key_modality, score_rows, score_in, scaling, [score])
+                else:  # the score ignores attention: one call over a window of no rows
+                    no_rows = k.new_zeros(1, self.shape.n_kv_heads, self.shape.groups, 0, self.max_prompt)
+                    scores = self.policy.score(no_rows, key_modality, key_modality[:, :0])
             kept = self.policy.kept_indices(scores, key_modality, n_keep, self.max_keep, self.shape.n_kv_heads)[0]  # [H, C]
-            mass_modality = torch.where(mass_in[None], key_modality[:, mass_rows], PAD)
-            mass_logits = causal_window_logits(q[:, :, mass_rows], k, mass_rows, scaling)
-            probs = PruningPolicy.window_probabilities(mass_logits, key_modality, mass_modality)
-            mass = probs.sum(dim=(2, 3))[0] / mass_needed.to(probs.dtype)             # [H, P]
+            mass = mass[0] / mass_needed.to(mass.dtype)                                # [H, P]
             gather = kept[None, :, :, None].expand(1, -1, -1, self.shape.head_dim)
             outputs.append((torch.stack([k.gather(2, gather), v.gather(2, gather)]), kept,
                             mass.gather(1, kept)))

@@ -2,9 +2,9 @@
 
 What the TensorRT 10 ONNX parser needs of our graphs: only operators it imports (allow-list below,
 from onnx-tensorrt's operator support matrix, restricted to what cspkv's graphs use or may use),
-TopK with sorted=1 and a constant K below TensorRT's limit of 3840, no scatter of booleans, fully
-static shapes, opset 18, and every file under protobuf's 2 GB limit (larger weights go to external
-data). A failure names the node and says what to change.
+any TopK sorted=1 with a constant K below TensorRT's limit of 3840 (the policies select without
+one), no scatter of booleans, fully static shapes, opset 18, and every file under protobuf's 2 GB
+limit (larger weights go to external data). A failure names the node and says what to change.
 """
 
 from __future__ import annotations

@@ -105,20 +105,44 @@ def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor
     return logits, torch.stack(new_kv), torch.stack(masses)
 
 
+# Query rows per attention block in the prefill: the largest logits tensor is
+# [H_q, ATTENTION_BLOCK, P] instead of [H_q, P, P], so prefill memory grows linearly with P.
+ATTENTION_BLOCK = 256
+
+
+def causal_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_length: torch.Tensor,
+                           scaling: float, block: int = ATTENTION_BLOCK) -> torch.Tensor:
+    """Causal attention of a right-padded prompt, ``block`` query rows at a time.
+
+    q [1, H_q, P, D], k/v [1, H_kv, P, D]; keys at or past valid_length are masked. Block i's rows
+    see only keys before the block's end (a static slice), so the causal upper triangle is never
+    computed and no P x P tensor exists. Returns [1, P, H_q * D].
+    """
+    length = q.shape[2]
+    outputs = []
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        rows = torch.arange(start, stop, dtype=torch.int64)
+        keys = torch.arange(stop, dtype=torch.int64)
+        allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] < valid_length)
+        bias = torch.zeros(stop - start, stop).masked_fill(~allowed, float("-inf"))
+        out, _ = grouped_attention(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], bias, scaling)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1)
+
+
 def prefill_layers(text_model, embeds: torch.Tensor, valid_length: torch.Tensor, on_layer):
-    """Full causal attention over a right-padded prompt [1, P, hidden]; keys at or past
-    valid_length are masked. ``on_layer(index, q, k, v)`` sees each layer's rotary-applied
-    queries [1, H_q, P, D] and keys/values [1, H_kv, P, D]. Returns the final hidden states."""
+    """Causal attention over a right-padded prompt [1, P, hidden] (:func:`causal_block_attention`);
+    keys at or past valid_length are masked. ``on_layer(index, q, k, v)`` sees each layer's
+    rotary-applied queries [1, H_q, P, D] and keys/values [1, H_kv, P, D]. Returns the final
+    hidden states."""
     shape = DecoderShape(text_model.config)
-    length = embeds.shape[1]
-    positions = torch.arange(length, dtype=torch.int64)
+    positions = torch.arange(embeds.shape[1], dtype=torch.int64)
     cos, sin = text_model.rotary_emb(embeds, positions[None])
-    allowed = (positions[None, :] <= positions[:, None]) & (positions[None, :] < valid_length)
-    mask = torch.zeros(length, length).masked_fill(~allowed, float("-inf"))
     hidden = embeds
     for index, layer in enumerate(text_model.layers):
         q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
-        out, _ = grouped_attention(q, k, v, mask, layer.self_attn.scaling)
+        out = causal_block_attention(q, k, v, valid_length, layer.self_attn.scaling)
         hidden = layer_output(layer, hidden, out)
         on_layer(index, q, k, v)
     return hidden

@@ -140,23 +140,82 @@ def rank_descending(scores: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: IntOrTensor) -> torch.Tensor:
-    """Boolean mask of the k best ``allowed`` entries along the last dim (k may differ per batch)."""
+    """Boolean mask of the k best ``allowed`` entries along the last dim (k may differ per batch);
+    ties go to the lower index. Scores must be >= 0 (every policy's are: attention sums, pooled
+    sums, priorities). Eager code ranks by a stable sort; traced graphs use the sort-free
+    :func:`top_k_mask_by_threshold`, which picks the same entries (checked in the tests)."""
+    if in_graph_capture():
+        return top_k_mask_by_threshold(scores, allowed, k)
     masked = scores.masked_fill(~allowed, float("-inf"))
     return allowed & (rank_descending(masked) < _as_batch(k, scores))
 
 
-def mask_to_indices(keep: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """The first ``n_keep`` kept positions in ascending order, as int64 [B, H, n_keep].
+# 2^(e - 127) for each float32 exponent field e (e = 0: subnormal, scaled by 2^-149 instead;
+# e = 255: inf, so that a bit pattern past every finite float counts nothing).
+_POW2 = torch.tensor([0.0] + [2.0 ** (e - 127) for e in range(1, 255)] + [float("inf")], dtype=torch.float32)
+_MANTISSA = 1 << 23
+# Where each exponent field starts; comparisons, not a division, because the exporter lowers
+# integer division through float32, which rounds the low bits away.
+_EXPONENT_STARTS = torch.arange(1, 256, dtype=torch.int64) * _MANTISSA
 
-    Kept positions j get the key L - j (distinct, positive) and dropped ones 0, so sorting by key
-    returns kept positions in ascending order first; with fewer kept than n_keep the tail is the
-    dropped positions in ascending order, which the caller marks invalid.
+
+def float_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The float32 whose bit pattern is ``bits`` (int64 in [0, 2^31)), with exact ops only: a
+    power of two from a table times 1 + mantissa / 2^23 (subnormals: mantissa * 2^-149). ONNX has
+    no bitcast; every step here is exact in float32, so the graph needs none."""
+    exponent = (bits[..., None] >= _EXPONENT_STARTS.to(bits.device)).to(torch.int64).sum(-1)
+    mantissa = bits - exponent * _MANTISSA
+    fraction = mantissa.to(torch.float32)
+    # index_select (one Gather) rather than indexing, whose export leaves the shape dynamic
+    power = _POW2.to(bits.device).index_select(0, exponent.reshape(-1)).reshape(exponent.shape)
+    normal = power * (1.0 + fraction * (1.0 / _MANTISSA))
+    subnormal = fraction * torch.tensor(2.0 ** -149, dtype=torch.float32, device=bits.device)
+    return torch.where(exponent == 0, subnormal, normal)
+
+
+def top_k_mask_by_threshold(scores: torch.Tensor, allowed: torch.Tensor, k: IntOrTensor) -> torch.Tensor:
+    """:func:`top_k_mask` without a sort, for static graphs at any length (TensorRT's TopK takes
+    K < 3840 only).
+
+    The k-th largest allowed score t is built bit by bit from the top of its float32 bit pattern
+    (for x >= 0 the patterns are ordered as the values): 31 rounds of "are at least k scores >= the
+    candidate?", each a compare and a count over the row. Then every score above t is kept, and
+    of the scores equal to t the first k - count(> t) by index (a running count), as a stable sort
+    would.
+    """
+    scores = scores.float()
+    need = _as_batch(k, scores)                                               # [B, 1|H, 1]
+    masked = torch.where(allowed, scores, torch.full_like(scores, float("-inf")))
+    bits = torch.zeros((*masked.shape[:-1], 1), dtype=torch.int64, device=scores.device)
+    for bit in range(30, -1, -1):
+        candidate = bits + (1 << bit)
+        enough = (masked >= float_from_bits(candidate)).to(torch.int64).sum(-1, keepdim=True) >= need
+        bits = torch.where(enough, candidate, bits)
+    threshold = float_from_bits(bits)
+    above = masked > threshold
+    ties = masked == threshold
+    remaining = need - above.to(torch.int64).sum(-1, keepdim=True)
+    first_ties = ties & (torch.cumsum(ties.to(torch.int64), dim=-1) <= remaining)
+    return allowed & (above | first_ties)
+
+
+def mask_to_indices(keep: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The first ``n_keep`` kept positions in ascending order, as int64 [B, H, n_keep]; with fewer
+    kept than n_keep the tail is the dropped positions in ascending order, which the caller marks
+    invalid.
+
+    Sort-free (any length, TensorRT-ready): kept position j goes to output slot "kept before j",
+    dropped position j to "all kept + dropped before j". That is a permutation of 0..L-1, so one
+    scatter of the positions writes every slot exactly once.
     """
     length = keep.shape[-1]
-    positions = torch.arange(length, device=keep.device)
-    key = torch.where(keep, length - positions, torch.zeros_like(positions))
-    # A stable sort (ONNX: TopK, ties to the lower index) also orders the padding tail ascending.
-    return torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+    kept = keep.to(torch.int64)
+    positions = torch.arange(length, device=keep.device).expand_as(kept)
+    kept_before = torch.cumsum(kept, dim=-1) - kept
+    dropped_before = positions - kept_before
+    slot = torch.where(keep, kept_before, kept.sum(-1, keepdim=True) + dropped_before)
+    order = torch.zeros_like(positions).scatter(-1, slot, positions)
+    return order[..., :n_keep]
 
 
 class PruningPolicy:

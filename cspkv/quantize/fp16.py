@@ -8,7 +8,7 @@ Weights and activations in float16, with
 * every other graph input/output in its fp32/int64 type (``keep_io_types``), so the runtime feeds
   and reads the same arrays as for fp32;
 * in float32 (blocked from conversion): the pruning path of prefill -- the window logits, the
-  n-softmax statistics (ReduceMax/Exp/ReduceSum/Div), the self/cross scores, the top-k and the
+  n-softmax statistics (ReduceMax/Exp/ReduceSum/Div), the self/cross scores, the selection and the
   re-score mass -- found structurally (:func:`~cspkv.quantize.graph.scoring_path_nodes`), the decode
   mass path, every TopK and Softmax, and the RMSNorm modules (:func:`~cspkv.quantize.graph.norm_nodes`).
   The converter casts around each blocked node separately, so adjacent fp32 nodes would still pass

@@ -39,16 +39,14 @@ def _ancestor_nodes(graph, tensors, producers=None) -> set[int]:
 
 
 def scoring_path_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that only serve pruning (prefill: what the TopK nodes and ``slot_mass``
-    depend on, and the TopKs, minus what ``logits`` depends on) or the decode mass (what ``mass``
-    depends on beyond ``logits`` / ``new_kv``)."""
+    """Names of the nodes that only serve pruning (prefill: what the kept positions and
+    ``slot_mass`` depend on, minus what ``logits`` depends on: window logits, scores, the
+    selection) or the decode mass (what ``mass`` depends on beyond ``logits`` / ``new_kv``)."""
     graph = model.graph
     producers = _producers(graph)
     outputs = {o.name for o in graph.output}
     if "slot_mass" in outputs:
-        topk = {i for i, node in enumerate(graph.node) if node.op_type == "TopK"}
-        roots = [name for i in topk for name in graph.node[i].input] + ["slot_mass"]
-        scoring = _ancestor_nodes(graph, roots, producers) | topk
+        scoring = _ancestor_nodes(graph, ["slot_position", "slot_mass"], producers)
         main = _ancestor_nodes(graph, ["logits"], producers)
     elif "mass" in outputs:
         scoring = _ancestor_nodes(graph, ["mass"], producers)
