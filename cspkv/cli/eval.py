@@ -20,8 +20,16 @@ import click
 @click.option("--minutes", type=float, default=None,
               help="Start no new prompt after this many minutes (tasks are taken round-robin); with --resume "
                    "a later run carries on.")
+@click.option("--workers", type=int, default=None,
+              help="Evaluate on N Ray workers, each loading the model once (a local Ray runtime unless --address); "
+                   "left out or 1, the sweep runs in this process. Needs the [ray] extra.")
+@click.option("--address", default=None,
+              help="Join this Ray cluster (HOST:PORT from `ray start --head`, or auto) instead of starting one here.")
+@click.option("--threads-per-worker", type=int, default=None,
+              help="Torch/OpenMP threads of each Ray worker (and the CPUs it claims).  [default: 1]")
 @click.pass_context
-def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench, out, resume, minutes):
+def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench, out, resume, minutes, workers,
+         address, threads_per_worker):
     """Evaluate pruning policies against budgets; `csp-eval score` scores MileBench predictions."""
     if ctx.invoked_subcommand is not None:
         return
@@ -46,6 +54,7 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
             check_budget(budget)
     except ValueError as exc:
         raise click.UsageError(f"--budgets: {exc}") from None
+    distributed = _check_distribution(workers, address, threads_per_worker)
     keep_freed_heap()  # the sweep frees and re-allocates 10-100 MB score buffers every layer
     errors: list[str] = []
     try:
@@ -74,10 +83,28 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     records = target / "eval_records.jsonl"
     if not resume and records.exists():
         records.unlink()
-    with click.progressbar(length=len(items), label="prompts", file=sys.stderr) as bar:
-        result = sweep.run_sweep(net, processor, items, policy_list, budget_list, max_new_tokens,
-                                 progress=lambda message: bar.update(1), records_path=records,
-                                 minutes=minutes)
+    if distributed:
+        from functools import partial
+
+        from cspkv.evaluation import distributed as dist
+        from cspkv.export.manifest import model_fingerprint
+
+        fingerprint = model_fingerprint(net)
+        del net  # the workers hold their own copies
+        with click.progressbar(length=len(items), label="prompts", file=sys.stderr) as bar:
+            try:
+                result = dist.run_sweep_distributed(
+                    partial(dist.load_named_model, model_id), fingerprint, items, policy_list, budget_list,
+                    max_new_tokens, workers=workers or 1, address=address, threads_per_worker=threads_per_worker or 1,
+                    progress=lambda message: bar.update(1), notice=lambda message: click.echo(message, err=True),
+                    records_path=records, minutes=minutes)
+            except dist.ClusterError as exc:
+                raise click.ClickException(str(exc)) from None
+    else:
+        with click.progressbar(length=len(items), label="prompts", file=sys.stderr) as bar:
+            result = sweep.run_sweep(net, processor, items, policy_list, budget_list, max_new_tokens,
+                                     progress=lambda message: bar.update(1), records_path=records,
+                                     minutes=minutes)
     result["model"] = model_id
     result["command"] = "csp-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["skipped"] = errors
@@ -87,6 +114,37 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     plots = sweep.plot(result, budget_list, target)
     click.echo(table)
     click.echo(f"wrote {target / 'eval.json'}, {target / 'eval.md'} and {len(plots)} plots ({timing})")
+    if result.get("failed"):
+        listed = ", ".join(f"{f['task']} {f['sample_id']} ({f['error']})" for f in result["failed"][:5])
+        raise click.ClickException(f"{len(result['failed'])} prompts failed, left out of the tables: {listed}; "
+                                   "run the same command again to retry them (recorded prompts are kept)")
+
+
+def _check_distribution(workers, address, threads_per_worker) -> bool:
+    """Whether the sweep runs on Ray workers; a bad combination, a missing Ray or an unreachable
+    --address stops here, before the model loads."""
+    if workers is not None and workers < 1:
+        raise click.UsageError(f"--workers {workers}: give at least 1 (1 without --address runs in this process)")
+    if threads_per_worker is not None and threads_per_worker < 1:
+        raise click.UsageError(f"--threads-per-worker {threads_per_worker}: give at least 1")
+    if address is not None and workers is None:
+        raise click.UsageError("--address needs --workers N: how many workers to start on the cluster")
+    distributed = address is not None or (workers or 1) > 1
+    if threads_per_worker is not None and not distributed:
+        raise click.UsageError("--threads-per-worker sets the threads of Ray workers: add --workers N (N > 1) "
+                               "or --address")
+    if distributed:
+        from cspkv.evaluation.distributed import ClusterError, check_address, ray_installed
+
+        if not ray_installed():
+            raise click.ClickException("--workers/--address need Ray, which is not installed: "
+                                       "pip install 'cspkv[ray]', or leave them out to run in this process")
+        if address is not None:
+            try:
+                check_address(address)
+            except ClusterError as exc:
+                raise click.ClickException(str(exc)) from None
+    return distributed
 
 
 @main.command("score")

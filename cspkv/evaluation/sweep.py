@@ -234,6 +234,34 @@ def interleave(items: list[EvalItem]) -> list[EvalItem]:
     return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
 
 
+def sweep_setting(fingerprint: str, max_new_tokens: int) -> dict:
+    """What a record must match to be reused: the weights (``model_fingerprint``) and decoding."""
+    return {"model": fingerprint, "max_new_tokens": max_new_tokens}
+
+
+def reusable_records(records_path, items: list[EvalItem], policies: list[str], budgets: list[float],
+                     setting: dict) -> dict:
+    """Records in ``records_path`` that a sweep of ``items`` can reuse, by (task, sample_id): same
+    ``setting``, same ``prompt_key`` and every cell this sweep needs. None: an empty dict."""
+    if records_path is None:
+        return {}
+
+    def reusable(record):  # same weights and decoding, and every cell this sweep needs
+        return all(record.get(k) == v for k, v in setting.items()) and all(
+            str(b) in record["cells"].get(name, {}) for name in policies for b in (budgets if name != FULL else [1.0]))
+
+    keys = {(item.task, item.sample_id): item.prompt_key for item in items}
+    return {(r["task"], r["sample_id"]): r for r in read_records(records_path)
+            if reusable(r) and r.get("prompt_key", "") == keys.get((r["task"], r["sample_id"]))}
+
+
+def make_record(reference: LlavaReference, tokenizer, item: EvalItem, pruning: dict, budgets: list[float],
+                max_new_tokens: int, setting: dict) -> dict:
+    """The line ``eval_records.jsonl`` holds for one prompt: its evaluation, the setting, its prompt key."""
+    return {**evaluate_item(reference, tokenizer, item, pruning, budgets, max_new_tokens), **setting,
+            "prompt_key": item.prompt_key}
+
+
 def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budgets: list[float],
               max_new_tokens: int = 8, progress: Callable[[str], None] = lambda message: None,
               records_path=None, minutes: float | None = None) -> dict:
@@ -252,15 +280,8 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
     reference = LlavaReference(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     pruning = {name: get_policy(name) for name in policies}
-    setting = {"model": model_fingerprint(model), "max_new_tokens": max_new_tokens}
-    done: dict = {}
-    if records_path is not None:
-        def reusable(record):  # same weights and decoding, and every cell this sweep needs
-            return all(record.get(k) == v for k, v in setting.items()) and all(
-                str(b) in record["cells"].get(name, {}) for name in policies for b in (budgets if name != FULL else [1.0]))
-        keys = {(item.task, item.sample_id): item.prompt_key for item in items}
-        done = {(r["task"], r["sample_id"]): r for r in read_records(records_path)
-                if reusable(r) and r.get("prompt_key", "") == keys.get((r["task"], r["sample_id"]))}
+    setting = sweep_setting(model_fingerprint(model), max_new_tokens)
+    done = reusable_records(records_path, items, policies, budgets, setting)
     started = time.perf_counter()
     for index, item in enumerate(interleave(items)):
         if minutes is not None and time.perf_counter() - started > minutes * 60:
@@ -269,8 +290,7 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
         if (item.task, item.sample_id) in done:
             progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} (recorded earlier)")
             continue
-        record = {**evaluate_item(reference, tokenizer, item, pruning, budgets, max_new_tokens), **setting,
-                  "prompt_key": item.prompt_key}
+        record = make_record(reference, tokenizer, item, pruning, budgets, max_new_tokens, setting)
         done[(item.task, item.sample_id)] = record
         if records_path is not None:
             append_line(records_path, json.dumps(record))
