@@ -166,21 +166,30 @@ def test_eager_n_softmax_equals_the_graph_form_and_window_probabilities_match_un
 
 @pytest.mark.parametrize("name,params", [("snapkv", {}), ("lookm", {}), ("h2o", {}), ("csp", {"n": 0.0}),
                                          ("csp", {"n": 1.0}), ("csp", {"n": 3.0, "cross_ratio": 0.3})])
-def test_eager_window_scores_equal_the_graph_form(name, params, monkeypatch):
-    """The eager fast path (grouped_window_attention: the row normaliser folded into one matmul,
-    no probabilities written) against the graph form (probabilities, masks, sums), with padded
+@pytest.mark.parametrize("traced", [False, True])
+def test_window_scores_equal_the_probabilities_form(name, params, traced, monkeypatch):
+    """The scores (grouped_window_attention: the row normaliser folded into one matmul, no
+    probabilities written) against the definition: window probabilities, masked, split by
+    query/key modality and summed; eagerly and as traced (the masking path differs), with padded
     keys and rows and a fully masked row."""
+    from cspkv.pruning.base import PruningPolicy
+
     logits, key_mod, query_mod = random_inputs(11, batch=2, heads=2, groups=3, length=40, window=6,
                                                n_pad=4, n_pad_rows=1)
     logits[1, 0, 2, 4] = float("-inf")
     policy = get_policy(name, **params)
-    eager = policy.score(logits, key_mod, query_mod)
-    for module in ("cspkv.pruning.base", "cspkv.pruning.csp"):
-        monkeypatch.setattr(f"{module}.in_graph_capture", lambda: True)
-    graph = policy.score(logits, key_mod, query_mod)
-    assert eager.shape == graph.shape
-    torch.testing.assert_close(eager, graph, rtol=1e-5, atol=1e-6)
-    assert (eager[..., -4:] == 0).all()          # padded keys score nothing
+    probs = PruningPolicy.window_probabilities(logits, key_mod, query_mod, n=params.get("n", 0.0))
+    if name == "csp":
+        same = (query_mod[:, :, None] == key_mod[:, None, :])[:, None, None]
+        expected = torch.stack([(probs * same).sum(dim=(2, 3)), (probs * ~same).sum(dim=(2, 3))], dim=2)
+    else:
+        expected = probs.sum(dim=(2, 3))[:, :, None]
+    if traced:
+        monkeypatch.setattr("cspkv.pruning.base.in_graph_capture", lambda: True)
+    scores = policy.score(logits, key_mod, query_mod)
+    assert scores.shape == expected.shape
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    assert (scores[..., -4:] == 0).all()          # padded keys score nothing
 
 
 def _text_queries_attend_to_two_image_keys():
@@ -272,7 +281,7 @@ def _selection_cases(seed, count):
     for case in range(count):
         length = int(torch.randint(1, 200, (1,), generator=g))
         scores = torch.rand(2, 3, length, generator=g)
-        kind = case % 5
+        kind = case % 6
         if kind == 1:
             scores = torch.round(scores * 4) / 4
         elif kind == 2:
@@ -282,6 +291,10 @@ def _selection_cases(seed, count):
         elif kind == 4:
             scores = torch.nn.functional.max_pool1d(scores.reshape(6, 1, length), 5, stride=1,
                                                     padding=2).reshape(2, 3, length)
+        elif kind == 5:                                         # powers of two and their neighbours,
+            powers = torch.exp2(torch.randint(-150, 12, (2, 3, length), generator=g).float())  # 2^-150 = 0
+            scores = torch.where(torch.rand(2, 3, length, generator=g) > 0.5, powers,
+                                 torch.nextafter(powers, torch.tensor(float("inf"))))
         allowed = torch.rand(2, 1, length, generator=g) > 0.3
         k = torch.stack([torch.randint(0, int(n) + 1, (1,), generator=g)[0] for n in allowed.sum(-1)[:, 0]])
         yield scores, allowed, k
@@ -289,14 +302,9 @@ def _selection_cases(seed, count):
 
 def test_sort_free_selection_equals_the_stable_sort():
     """The graphs' selection (threshold by bit-pattern bisection, ties by a running count) keeps
-    exactly the entries a stable descending sort ranks below k; bit patterns round-trip exactly."""
-    import numpy as np
+    exactly the entries a stable descending sort ranks below k."""
+    from cspkv.pruning.base import mask_to_indices, top_k_mask_by_threshold
 
-    from cspkv.pruning.base import float_from_bits, mask_to_indices, top_k_mask_by_threshold
-
-    bits = np.concatenate([[0, 1, 2, 0x7FFFFF, 0x800000, 0x3F800000, 0x3F800001, 0x7F7FFFFF],
-                           np.random.default_rng(0).integers(0, 0x7F800000, 20000)]).astype(np.int64)
-    assert np.array_equal(float_from_bits(torch.from_numpy(bits)).numpy().view(np.int32), bits.astype(np.int32))
     for scores, allowed, k in _selection_cases(0, 250):
         chosen = top_k_mask_by_threshold(scores, allowed, k)
         assert torch.equal(chosen, _sorted_top_k(scores, allowed, k))

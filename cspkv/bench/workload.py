@@ -1,4 +1,4 @@
-"""Benchmark prompts of an exact token length: images first (one per 512 tokens, up to 8), then a
+"""Benchmark prompts of an exact token length: images first (one per 512 tokens, up to 16), then a
 filler passage, then the question, so every length has the same shape of content."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from cspkv.models.prompting import chat_prompt, demo_images
 from cspkv.models.tiny import multi_image_prompt
 
-MAX_IMAGES = 8
+MAX_IMAGES = 16
 FILLER = ("The museum keeps its maps in a cool dry room. Visitors may ask to see them on weekday "
           "mornings, and the archivist explains how each one was drawn and restored. ")
 QUESTION = "Describe the images in order, one sentence each."

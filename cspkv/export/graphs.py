@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from cspkv.models.static_llama import ATTENTION_BLOCK, DecoderShape, decode_step, prefill_layers
+from cspkv.models.static_llama import ATTENTION_BLOCK, DecoderShape, after, decode_step, prefill_layers
 from cspkv.models.llava import causal_window_logits
 from cspkv.pruning import IMAGE, PAD, PruningPolicy, keep_count
 from cspkv.pruning.base import MASS_WINDOW_RATIO, floor_ratio
@@ -61,7 +61,8 @@ def window_sum(q, k, key_modality, rows, in_window, scaling, row_sums, chunk: in
     for start in range(0, rows.shape[0], chunk):
         part_rows = rows[start:start + chunk]
         query_modality = torch.where(in_window[None, start:start + chunk], key_modality[:, part_rows], PAD)
-        logits = causal_window_logits(q[:, :, part_rows], k, part_rows, scaling)
+        queries = q[:, :, part_rows] if totals[0] is None else after(q[:, :, part_rows], totals[0])
+        logits = causal_window_logits(queries, k, part_rows, scaling)
         for i, row_sum in enumerate(row_sums):
             part = row_sum(logits, query_modality)
             totals[i] = part if totals[i] is None else totals[i] + part
@@ -109,7 +110,7 @@ class PrefillGraph(nn.Module):
                 return self.policy.score(logits, key_modality, rows)
 
             def window_mass(logits, rows):
-                return PruningPolicy.window_probabilities(logits, key_modality, rows).sum(dim=(2, 3))
+                return PruningPolicy.attention_score(logits, key_modality, rows)[:, :, 0]
 
             if self.shared_window:      # the score's window is the mass window: one pass for both
                 scores, mass = window_sum(q, k, key_modality, mass_rows, mass_in, scaling, [score, window_mass])
@@ -120,26 +121,31 @@ class PrefillGraph(nn.Module):
                 else:  # the score ignores attention: one call over a window of no rows
                     no_rows = k.new_zeros(1, self.shape.n_kv_heads, self.shape.groups, 0, self.max_prompt)
                     scores = self.policy.score(no_rows, key_modality, key_modality[:, :0])
-            kept = self.policy.kept_indices(scores, key_modality, n_keep, self.max_keep, self.shape.n_kv_heads)[0]  # [H, C]
-            mass = mass[0] / mass_needed.to(mass.dtype)                                # [H, P]
-            gather = kept[None, :, :, None].expand(1, -1, -1, self.shape.head_dim)
-            outputs.append((torch.stack([k.gather(2, gather), v.gather(2, gather)]), kept,
-                            mass.gather(1, kept)))
+            outputs.append((k, v, scores, mass[0] / mass_needed.to(mass.dtype)))      # mass [H, P]
+            return scores.reshape(-1)[:1] + mass.reshape(-1)[:1]    # what the next layer waits for
 
         hidden = prefill_layers(self.text, embeds, valid_length, on_layer)
         last = torch.index_select(hidden, 1, valid_length - 1)                       # [1, 1, hidden], a Gather
         logits = self.lm_head(self.text.norm(last))[:, -1].float()
+        # One selection for all layers (layers as the batch): the same choice per layer with one
+        # layer's worth of graph nodes; the price is holding every layer's K/V until here.
+        layers = len(outputs)
+        scores = torch.cat([o[2] for o in outputs])                                   # [layers, H, S, P]
+        kept = self.policy.kept_indices(scores, key_modality.expand(layers, -1), n_keep, self.max_keep,
+                                        self.shape.n_kv_heads)                        # [layers, H, C]
+        gather = kept[:, None, :, :, None].expand(-1, 1, -1, -1, self.shape.head_dim)
+        keys = torch.stack([o[0] for o in outputs]).gather(3, gather)                 # [layers, 1, H, C, D]
+        values = torch.stack([o[1] for o in outputs]).gather(3, gather)
         pad = self.n_slots - self.max_keep
-        kv = torch.stack([o[0] for o in outputs])                                     # [layers, 2, 1, H, C, D]
+        kv = torch.stack([keys, values], dim=1)                                       # [layers, 2, 1, H, C, D]
         kv = kv * slot_valid[:, None].to(kv.dtype)
         kv = nn.functional.pad(kv, (0, 0, 0, pad))
-        kept = torch.stack([o[1] for o in outputs])                                   # [layers, H, C]
         slot_position = nn.functional.pad(torch.where(slot_valid, kept, -1), (0, pad), value=-1)
         kept_modality = key_modality[0][kept]
         slot_modality = nn.functional.pad(torch.where(slot_valid, kept_modality, -1), (0, pad), value=-1)
         valid = slot_valid.to(torch.int64).expand_as(kept)
         slot_valid_out = nn.functional.pad(valid, (0, pad), value=0)
-        mass = torch.stack([o[2] for o in outputs]) * slot_valid.to(torch.float32)
+        mass = torch.stack([o[3] for o in outputs]).gather(2, kept) * slot_valid.to(torch.float32)
         slot_mass = nn.functional.pad(mass, (0, pad))
         return logits, kv, slot_position, slot_modality, slot_valid_out, slot_mass
 

@@ -110,39 +110,65 @@ def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor
 ATTENTION_BLOCK = 256
 
 
-def causal_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_length: torch.Tensor,
-                           scaling: float, block: int = ATTENTION_BLOCK) -> torch.Tensor:
-    """Causal attention of a right-padded prompt, ``block`` query rows at a time.
+def after(x: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """``x``, made to depend on ``done`` (plus zero times one of its values). Graph runtimes order
+    independent branches as they like, and ONNX Runtime's default order runs the blocks of a layer
+    side by side, holding every block's logits at once; this dependency makes each block (and each
+    layer's scoring) finish before the next starts, so one block's tensors are live at a time."""
+    return x + done.reshape(-1)[:1].to(x.dtype) * 0.0
 
-    q [1, H_q, P, D], k/v [1, H_kv, P, D]; keys at or past valid_length are masked. Block i's rows
-    see only keys before the block's end (a static slice), so the causal upper triangle is never
-    computed and no P x P tensor exists. Returns [1, P, H_q * D].
-    """
-    length = q.shape[2]
-    outputs = []
+
+def causal_block_biases(length: int, valid_length: torch.Tensor, block: int = ATTENTION_BLOCK):
+    """The additive masks of each query block of a right-padded prompt: block i's rows against the
+    keys before the block's end, 0 where a key is at or before the row and before valid_length,
+    -inf elsewhere. Computed once per prefill and shared by every layer."""
+    offsets = torch.arange(block, dtype=torch.int64)
+    triangle = offsets[None, :] <= offsets[:, None]          # the one constant: [block, block]
+    biases = []
     for start in range(0, length, block):
         stop = min(start + block, length)
-        rows = torch.arange(start, stop, dtype=torch.int64)
         keys = torch.arange(stop, dtype=torch.int64)
-        allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] < valid_length)
-        bias = torch.zeros(stop - start, stop).masked_fill(~allowed, float("-inf"))
-        out, _ = grouped_attention(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], bias, scaling)
+        valid = keys < valid_length                              # [stop], known only at run time
+        # keys before the block are causal for all its rows; the block's own keys by the triangle
+        # (built from run-time pieces so that no [block, stop] mask is stored in the graph)
+        allowed = torch.cat([valid[None, :start].expand(stop - start, start),
+                             triangle[: stop - start, : stop - start] & valid[None, start:]], dim=1)
+        biases.append(torch.where(allowed, torch.tensor(0.0), torch.tensor(float("-inf"))))
+    return biases
+
+
+def causal_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases, scaling: float) -> torch.Tensor:
+    """Causal attention of a right-padded prompt, ``block`` query rows at a time.
+
+    q [1, H_q, P, D], k/v [1, H_kv, P, D]; ``biases`` from :func:`causal_block_biases`. Block i's
+    rows see only keys before the block's end (a static slice), so the causal upper triangle is
+    never computed and no P x P tensor exists. Returns [1, P, H_q * D].
+    """
+    outputs, start = [], 0
+    for bias in biases:
+        stop = bias.shape[1]                       # the block's rows end where its keys end
+        rows = q[:, :, start:stop] if not outputs else after(q[:, :, start:stop], outputs[-1])
+        out, _ = grouped_attention(rows, k[:, :, :stop], v[:, :, :stop], bias, scaling)
         outputs.append(out)
+        start = stop
     return torch.cat(outputs, dim=1)
 
 
 def prefill_layers(text_model, embeds: torch.Tensor, valid_length: torch.Tensor, on_layer):
     """Causal attention over a right-padded prompt [1, P, hidden] (:func:`causal_block_attention`);
     keys at or past valid_length are masked. ``on_layer(index, q, k, v)`` sees each layer's
-    rotary-applied queries [1, H_q, P, D] and keys/values [1, H_kv, P, D]. Returns the final
-    hidden states."""
+    rotary-applied queries [1, H_q, P, D] and keys/values [1, H_kv, P, D] and may return a tensor
+    that the next layer then waits for. Returns the final hidden states."""
     shape = DecoderShape(text_model.config)
     positions = torch.arange(embeds.shape[1], dtype=torch.int64)
     cos, sin = text_model.rotary_emb(embeds, positions[None])
+    biases = causal_block_biases(embeds.shape[1], valid_length)
     hidden = embeds
     for index, layer in enumerate(text_model.layers):
         q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
-        out = causal_block_attention(q, k, v, valid_length, layer.self_attn.scaling)
+        out = causal_block_attention(q, k, v, biases, layer.self_attn.scaling)
         hidden = layer_output(layer, hidden, out)
-        on_layer(index, q, k, v)
+        done = on_layer(index, q, k, v)
+        if done is not None:       # the layer's scoring finishes before the next layer starts
+            hidden = after(hidden, done)
     return hidden

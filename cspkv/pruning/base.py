@@ -69,11 +69,13 @@ def in_graph_capture() -> bool:
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
-def _eager_masked_logits(window_logits: torch.Tensor, key_modality: torch.Tensor) -> torch.Tensor:
-    """float32 window logits with padded keys at -inf (no copy when nothing is padded)."""
+def _masked_logits(window_logits: torch.Tensor, key_modality: torch.Tensor) -> torch.Tensor:
+    """float32 window logits with padded keys at -inf (eager: no copy when nothing is padded)."""
     logits = window_logits.float()
     key_valid = (key_modality >= 0)[:, None, None, None, :]
-    return logits if bool(key_valid.all()) else logits.masked_fill(~key_valid, float("-inf"))
+    if not in_graph_capture() and bool(key_valid.all()):
+        return logits
+    return logits.masked_fill(~key_valid, float("-inf"))
 
 
 def grouped_window_attention(window_logits: torch.Tensor, key_modality: torch.Tensor,
@@ -81,13 +83,14 @@ def grouped_window_attention(window_logits: torch.Tensor, key_modality: torch.Te
     """(n-)softmax attention of each window row, summed over the G heads and over the rows of each
     group: [B, H_kv, M, L] for ``row_groups`` [B, W, M] (1 where row w belongs to group m).
 
-    The eager fast path of the window scores (the sweep scores every prompt row for H2O): the
-    per-row normaliser is folded into one matmul over the unnormalised exponentials, so the
-    probabilities are never written out. Padded keys are masked as in ``window_probabilities``;
-    a fully masked row contributes zeros. Checked against the graph form in the tests.
+    How the window scores are computed, eagerly and in graphs: the per-row normaliser is folded
+    into one matmul over the unnormalised exponentials, so the probabilities are never written
+    out (a few passes over the W x L logits instead of one per mask and split). Padded keys are
+    masked as in ``window_probabilities``; a fully masked row contributes zeros. Checked against
+    the probabilities form in the tests.
     """
     batch, heads, groups, window, length = window_logits.shape
-    logits = _eager_masked_logits(window_logits, key_modality)
+    logits = _masked_logits(window_logits, key_modality)
     row_max = logits.amax(dim=-1, keepdim=True).clamp(min=-1e30)  # as n_softmax: masked rows stay 0
     exps = torch.sub(logits, row_max).exp_()
     denom = exps.sum(dim=-1)
@@ -150,51 +153,55 @@ def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, k: IntOrTensor) -> t
     return allowed & (rank_descending(masked) < _as_batch(k, scores))
 
 
-# 2^(e - 127) for each float32 exponent field e (e = 0: subnormal, scaled by 2^-149 instead;
-# e = 255: inf, so that a bit pattern past every finite float counts nothing).
+# 2^(e - 127) for each float32 exponent field e (e = 0, subnormals: 0; e = 255: inf, past every
+# finite score).
 _POW2 = torch.tensor([0.0] + [2.0 ** (e - 127) for e in range(1, 255)] + [float("inf")], dtype=torch.float32)
-_MANTISSA = 1 << 23
-# Where each exponent field starts; comparisons, not a division, because the exporter lowers
-# integer division through float32, which rounds the low bits away.
-_EXPONENT_STARTS = torch.arange(1, 256, dtype=torch.int64) * _MANTISSA
+_MANTISSA_BITS = 23
+# Each round of the threshold search tests 15 candidates at once (4 bits of the bit pattern).
+_DIGITS = torch.arange(1, 16)
 
 
-def float_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """The float32 whose bit pattern is ``bits`` (int64 in [0, 2^31)), with exact ops only: a
-    power of two from a table times 1 + mantissa / 2^23 (subnormals: mantissa * 2^-149). ONNX has
-    no bitcast; every step here is exact in float32, so the graph needs none."""
-    exponent = (bits[..., None] >= _EXPONENT_STARTS.to(bits.device)).to(torch.int64).sum(-1)
-    mantissa = bits - exponent * _MANTISSA
-    fraction = mantissa.to(torch.float32)
-    # index_select (one Gather) rather than indexing, whose export leaves the shape dynamic
-    power = _POW2.to(bits.device).index_select(0, exponent.reshape(-1)).reshape(exponent.shape)
-    normal = power * (1.0 + fraction * (1.0 / _MANTISSA))
-    subnormal = fraction * torch.tensor(2.0 ** -149, dtype=torch.float32, device=bits.device)
-    return torch.where(exponent == 0, subnormal, normal)
+def _digit(masked: torch.Tensor, values: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """How many of the increasing candidate ``values`` [..., 15] have at least ``need`` scores >=
+    them: the counts fall as the candidates rise, so this is the next 4-bit digit."""
+    counts = (masked[..., None, :] >= values[..., None]).sum(-1)              # [..., 15]
+    return (counts >= need).sum(-1, keepdim=True)
 
 
 def top_k_mask_by_threshold(scores: torch.Tensor, allowed: torch.Tensor, k: IntOrTensor) -> torch.Tensor:
     """:func:`top_k_mask` without a sort, for static graphs at any length (TensorRT's TopK takes
     K < 3840 only).
 
-    The k-th largest allowed score t is built bit by bit from the top of its float32 bit pattern
-    (for x >= 0 the patterns are ordered as the values): 31 rounds of "are at least k scores >= the
-    candidate?", each a compare and a count over the row. Then every score above t is kept, and
-    of the scores equal to t the first k - count(> t) by index (a running count), as a stable sort
-    would.
+    The k-th largest allowed score t is found digit by digit of its float32 bit pattern (for x >= 0
+    patterns are ordered as values), 4 bits a round: 2 rounds for the exponent field, 6 for the
+    mantissa, each counting the scores >= 15 candidates. ONNX has no bitcast, so a candidate
+    becomes a float by exact arithmetic: a power of two from a table, plus mantissa times its unit
+    (2^(e-150); subnormals: 2^-149). A mantissa candidate past 2^23 reaches the next power of two,
+    which the exponent rounds already found too few scores above, so it never counts. Then every
+    score above t is kept, and of the scores equal to t the first k - count(> t) by index (a
+    running count), as a stable sort would.
     """
     scores = scores.float()
     need = _as_batch(k, scores)                                               # [B, 1|H, 1]
     masked = torch.where(allowed, scores, torch.full_like(scores, float("-inf")))
-    bits = torch.zeros((*masked.shape[:-1], 1), dtype=torch.int64, device=scores.device)
-    for bit in range(30, -1, -1):
-        candidate = bits + (1 << bit)
-        enough = (masked >= float_from_bits(candidate)).to(torch.int64).sum(-1, keepdim=True) >= need
-        bits = torch.where(enough, candidate, bits)
-    threshold = float_from_bits(bits)
+    table = _POW2.to(scores.device)
+    digits = _DIGITS.to(scores.device)
+    exponent = torch.zeros((*masked.shape[:-1], 1), dtype=torch.int64, device=scores.device)
+    for shift in (4, 0):
+        candidates = exponent + (digits << shift)                              # [B, H, 15]
+        # index_select (one Gather) rather than indexing, whose export leaves the shape dynamic
+        values = table.index_select(0, candidates.reshape(-1)).reshape(candidates.shape)
+        exponent = exponent + _digit(masked, values, need) * (1 << shift)
+    base = table.index_select(0, exponent.reshape(-1)).reshape(exponent.shape)
+    unit = torch.where(exponent == 0, torch.full_like(base, 2.0 ** -149), base * 2.0 ** -_MANTISSA_BITS)
+    mantissa = torch.zeros_like(base)                                         # an integer < 2^23, exact
+    for shift in (20, 16, 12, 8, 4, 0):
+        values = base + (mantissa + digits.to(base.dtype) * float(1 << shift)) * unit
+        mantissa = mantissa + _digit(masked, values, need).to(base.dtype) * float(1 << shift)
+    threshold = base + mantissa * unit
     above = masked > threshold
     ties = masked == threshold
-    remaining = need - above.to(torch.int64).sum(-1, keepdim=True)
+    remaining = need - above.sum(-1, keepdim=True)
     first_ties = ties & (torch.cumsum(ties.to(torch.int64), dim=-1) <= remaining)
     return allowed & (above | first_ties)
 
@@ -303,7 +310,7 @@ class PruningPolicy:
         """
         row_valid = (query_modality >= 0)[:, None, None, :, None]
         if not in_graph_capture():  # eager: the same values, fewer passes (n_softmax_eager)
-            probs = n_softmax_eager(_eager_masked_logits(window_logits, key_modality), n=n, dim=-1)
+            probs = n_softmax_eager(_masked_logits(window_logits, key_modality), n=n, dim=-1)
             return probs if bool(row_valid.all()) else probs.masked_fill_(~row_valid, 0.0)
         key_valid = (key_modality >= 0)[:, None, None, None, :]
         logits = window_logits.float().masked_fill(~key_valid, float("-inf"))
@@ -314,11 +321,8 @@ class PruningPolicy:
     def attention_score(window_logits: torch.Tensor, key_modality: torch.Tensor,
                         query_modality: torch.Tensor) -> torch.Tensor:
         """The plain window score: softmax attention summed over rows and G heads, [B, H_kv, 1, L]."""
-        if not in_graph_capture():  # eager: the same sums without materialising probabilities
-            valid_rows = (query_modality >= 0)[..., None]
-            return grouped_window_attention(window_logits, key_modality, valid_rows, n=0.0)
-        probs = PruningPolicy.window_probabilities(window_logits, key_modality, query_modality, n=0.0)
-        return probs.sum(dim=(2, 3))[:, :, None, :]
+        valid_rows = (query_modality >= 0)[..., None]
+        return grouped_window_attention(window_logits, key_modality, valid_rows, n=0.0)
 
     # --- the public entry point ---------------------------------------------------------------
     def select(self, window_logits: torch.Tensor, key_modality: torch.Tensor,

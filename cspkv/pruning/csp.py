@@ -10,7 +10,7 @@ Variants:
 
 import torch
 
-from cspkv.pruning.base import (IMAGE, TEXT, PruningPolicy, in_graph_capture, floor_ratio,
+from cspkv.pruning.base import (IMAGE, TEXT, PruningPolicy, floor_ratio,
                                grouped_window_attention, top_k_mask)
 
 VARIANTS = ("distinct", "paper")
@@ -35,19 +35,11 @@ class CrossSelfPruning(PruningPolicy):
         return {**super().params(), "n": self.n, "cross_ratio": self.cross_ratio, "variant": self.variant}
 
     def score(self, window_logits, key_modality, query_modality):
-        """Channels: 0 = S_self (query and key of the same modality), 1 = S_cross."""
-        if not in_graph_capture():
-            return self._score_by_row_modality(window_logits, key_modality, query_modality)
-        probs = self.window_probabilities(window_logits, key_modality, query_modality, n=self.n)
-        same = (query_modality[:, :, None] == key_modality[:, None, :])[:, None, None]  # [B,1,1,W,L]
-        self_score = torch.where(same, probs, torch.zeros_like(probs)).sum(dim=(2, 3))
-        cross_score = torch.where(same, torch.zeros_like(probs), probs).sum(dim=(2, 3))
-        return torch.stack([self_score, cross_score], dim=2)
+        """Channels: 0 = S_self (query and key of the same modality), 1 = S_cross.
 
-    def _score_by_row_modality(self, window_logits, key_modality, query_modality):
-        """``score``'s eager fast path: the n-softmax mass from text rows and from image rows, each
-        summed once; a key's self score is the mass from rows of its own modality, its cross score
-        the rest. (Padded keys get 0 from every row either way.)"""
+        The n-softmax mass from text rows and from image rows, each summed once; a key's self score
+        is the mass from rows of its own modality, its cross score the rest. (Padded keys get 0
+        from every row either way.)"""
         row_groups = torch.stack([query_modality == TEXT, query_modality == IMAGE], dim=-1)  # [B, W, 2]
         sums = grouped_window_attention(window_logits, key_modality, row_groups, n=self.n)
         from_text, from_image = sums[:, :, 0], sums[:, :, 1]

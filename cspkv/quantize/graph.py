@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 
 import onnx
+from onnx import numpy_helper
 
 # RMSNorm modules stay fp32 in fp16 graphs: the mean square of the residual stream reaches ~1e6 in
 # the default model (a few "massive activations" of ~1e3), far past float16's 65504.
@@ -24,9 +25,12 @@ def _producers(graph) -> dict[str, int]:
     return {output: index for index, node in enumerate(graph.node) for output in node.output}
 
 
-def _ancestor_nodes(graph, tensors, producers=None) -> set[int]:
-    """Indices of the nodes that ``tensors`` depend on (subgraph-free graphs)."""
+def _ancestor_nodes(graph, tensors, producers=None, values_only: bool = False) -> set[int]:
+    """Indices of the nodes that ``tensors`` depend on (subgraph-free graphs). ``values_only``
+    does not follow a multiplication by zero: the prefill's ``after`` orders work through one
+    (x + 0 * done), and what ``done`` depends on does not reach the value."""
     producers = producers or _producers(graph)
+    zero_muls = _zero_multiplications(graph) if values_only else set()
     seen: set[int] = set()
     queue = deque(tensors)
     while queue:
@@ -34,8 +38,29 @@ def _ancestor_nodes(graph, tensors, producers=None) -> set[int]:
         if index is None or index in seen:
             continue
         seen.add(index)
-        queue.extend(graph.node[index].input)
+        if index not in zero_muls:
+            queue.extend(graph.node[index].input)
     return seen
+
+
+def _zero_multiplications(graph) -> set[int]:
+    """Mul nodes with a constant scalar 0 operand."""
+    zeros = {init.name for init in graph.initializer
+             if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+             and _size(init.dims) == 1 and not numpy_helper.to_array(init).any()}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            if _size(tensor.dims) == 1 and not numpy_helper.to_array(tensor).any():
+                zeros.add(node.output[0])
+    return {i for i, node in enumerate(graph.node) if node.op_type == "Mul" and zeros & set(node.input)}
+
+
+def _size(dims) -> int:
+    size = 1
+    for dim in dims:
+        size *= dim
+    return size
 
 
 def scoring_path_nodes(model: onnx.ModelProto) -> list[str]:
@@ -47,7 +72,7 @@ def scoring_path_nodes(model: onnx.ModelProto) -> list[str]:
     outputs = {o.name for o in graph.output}
     if "slot_mass" in outputs:
         scoring = _ancestor_nodes(graph, ["slot_position", "slot_mass"], producers)
-        main = _ancestor_nodes(graph, ["logits"], producers)
+        main = _ancestor_nodes(graph, ["logits"], producers, values_only=True)
     elif "mass" in outputs:
         scoring = _ancestor_nodes(graph, ["mass"], producers)
         main = _ancestor_nodes(graph, ["logits", "new_kv"], producers)
