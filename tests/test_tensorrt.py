@@ -258,7 +258,7 @@ def topk_variant(models, tmp_path_factory):
     return plan, path
 
 
-def test_modality_topk_variant_is_one_plugin_node_per_layer(models, topk_variant):
+def test_modality_topk_variant_is_one_plugin_node_for_all_layers(models, topk_variant):
     from cspkv.engines.modality_topk_graph import modality_topk_nodes
     from cspkv.export.readiness import check_graph
 
@@ -266,7 +266,8 @@ def test_modality_topk_variant_is_one_plugin_node_per_layer(models, topk_variant
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     nodes = modality_topk_nodes(model)
-    assert len(nodes) == models["gqa"].config.text_config.num_hidden_layers
+    assert len(nodes) == 1                          # the layers are its batch
+    layers = models["gqa"].config.text_config.num_hidden_layers
     assert {i.domain: i.version for i in model.opset_import}.get("cspkv") == 1
     inferred = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input]}
@@ -279,9 +280,10 @@ def test_modality_topk_variant_is_one_plugin_node_per_layer(models, topk_variant
         assert abs(attrs["cross_ratio"] - 0.9) < 1e-7
         assert len(node.input) == 5 and len(node.output) == 1
         assert [types[i] for i in node.input] == [onnx.TensorProto.FLOAT] * 2 + [onnx.TensorProto.INT32] * 3
-        assert [shapes[i] for i in node.input] == [[1, heads, p], [1, heads, p], [1, p], [1], [1]]
-    # the policy's own top-k (TopK over the whole axis) is gone from the selection
-    assert all(n.op_type != "TopK" for n in model.graph.node)
+        assert [shapes[i] for i in node.input] == [[layers, heads, p], [layers, heads, p], [layers, p],
+                                                   [layers], [layers]]
+    # the policy's own threshold search is gone from the selection
+    assert all(n.op_type not in ("TopK", "CumSum") for n in model.graph.node)
     readiness = check_graph(path, allow_custom_domains=("cspkv",))
     assert not [msg for msg in readiness.problems if "intermediate" not in msg], readiness.problems
 

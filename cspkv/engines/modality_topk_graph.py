@@ -1,6 +1,7 @@
 """The prefill graph variant whose CSP ("distinct") top-k selection is one ``cspkv::ModalityTopK`` node,
-the TensorRT plugin of cspkv/engines/plugin (ModalityTopKPlugin.h), instead of the ~20 ONNX ops
-(TopK over the whole axis, masks, ranks) that the policy's kept_indices traces into.
+the TensorRT plugin of cspkv/engines/plugin (ModalityTopKPlugin.h), with the layers as its batch,
+instead of the standard ops (threshold search, masks, a scatter) that the policy's kept_indices
+traces into.
 
     export_modality_topk_prefill(model, plan, "exports/fp32/prefill_modality_topk.onnx")
 
@@ -117,7 +118,7 @@ def modality_topk_prefill_module(model, plan):
 
 
 def export_modality_topk_prefill(model, plan, path: str | Path) -> Path:
-    """Write the prefill graph variant with one ModalityTopK node per layer to ``path``."""
+    """Write the prefill graph variant with one ModalityTopK node (the layers as its batch) to ``path``."""
     register_onnx_schema()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
