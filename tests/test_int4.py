@@ -23,7 +23,7 @@ from cspkv.quantize.convert import PrecisionError, convert_export
 from cspkv.quantize.graph import module_of, weight_matmuls
 from cspkv.quantize.int4 import dequantized_weights, int4_plan
 from cspkv.runtime.manifest import ManifestError, read_manifest
-from test_precision import cosine, prefill_and_step, qdq_semantics
+from test_precision import cosine, qdq_semantics, quantized_against_fp32
 
 # Tiny model (logits of magnitude ~0.5), prefill logits and one decode step fed the same fp32 cache: on two
 # tiny seeds and three prompts, max |d logit| / max |logit| reached 0.18 (0.12 with lm_head float) and the
@@ -184,12 +184,8 @@ def test_int4_weights_equal_a_numpy_reference_block_quantization(fp32, int4, tmp
 
 
 def test_int4_logits_stay_close_to_fp32_and_the_fused_kernel_runs_end_to_end(fp32, int4):
-    base, quantized = OrtEngine(fp32), OrtEngine(int4, session_options=qdq_semantics())
-    ids, pixels = multi_image_prompt(8, seed=5)
-    ids, pixels = ids[0].numpy(), pixels.numpy()
-    ref_out, ref_step = prefill_and_step(base, ids, pixels)
-    out, step = prefill_and_step(quantized, ids, pixels, ref_out)
-    for got, want in ((out["logits"][0], ref_out["logits"][0]), (step, ref_step)):
+    ids, pixels, pairs = quantized_against_fp32(fp32, int4)
+    for got, want in pairs:
         assert cosine(got, want) > INT4_MIN_COSINE
         assert np.abs(got - want).max() < INT4_MAX_REL * np.abs(want).max()
         assert np.abs(got - want).max() > 0                                 # the weights really changed
@@ -197,8 +193,9 @@ def test_int4_logits_stay_close_to_fp32_and_the_fused_kernel_runs_end_to_end(fp3
     pipeline = OnnxPipeline(int4)
     result = pipeline.generate(ids, pixels, max_new_tokens=20)              # ring overflow included
     assert len(result.tokens) == 20 and pipeline.buffer.dtype == np.float32
-    assert cosine(result.logits[0], ref_out["logits"][0]) > INT4_MIN_COSINE
-    assert np.abs(result.logits[0] - ref_out["logits"][0]).max() < INT4_MAX_REL * np.abs(ref_out["logits"][0]).max()
+    reference = pairs[0][1]                                                  # fp32's prefill logits
+    assert cosine(result.logits[0], reference) > INT4_MIN_COSINE
+    assert np.abs(result.logits[0] - reference).max() < INT4_MAX_REL * np.abs(reference).max()
 
 
 def test_int4_graphs_fail_tensorrt_readiness_only_on_the_opset(int4):

@@ -81,6 +81,17 @@ def cosine(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def quantized_against_fp32(fp32, folder):
+    """(ids, pixels, [(prefill logits, fp32's), (one decode step's logits, fp32's)]) for an 8-image
+    prompt, the quantized export run as a QDQ graph (no kernel fusion)."""
+    base, quantized = OrtEngine(fp32), OrtEngine(folder, session_options=qdq_semantics())
+    ids, pixels = multi_image_prompt(8, seed=5)
+    ids, pixels = ids[0].numpy(), pixels.numpy()
+    ref_out, ref_step = prefill_and_step(base, ids, pixels)
+    out, step = prefill_and_step(quantized, ids, pixels, ref_out)
+    return ids, pixels, [(out["logits"][0], ref_out["logits"][0]), (step, ref_step)]
+
+
 # --- fp16 --------------------------------------------------------------------------------------------
 
 def test_fp16_folder_has_float16_kv_and_fp32_io_elsewhere(fp32, converted):
@@ -232,12 +243,8 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
 
         assert all(check_graph(folder / f"{role}.onnx").ok for role in ("vision", "prefill", "decode"))
 
-    base, quantized = OrtEngine(fp32), OrtEngine(folder, session_options=qdq_semantics())
-    ids, pixels = multi_image_prompt(8, seed=5)
-    ids, pixels = ids[0].numpy(), pixels.numpy()
-    ref_out, ref_step = prefill_and_step(base, ids, pixels)
-    out, step = prefill_and_step(quantized, ids, pixels, ref_out)
-    for got, want in ((out["logits"][0], ref_out["logits"][0]), (step, ref_step)):
+    ids, pixels, pairs = quantized_against_fp32(fp32, folder)
+    for got, want in pairs:
         assert cosine(got, want) > INT8_MIN_COSINE
         assert np.abs(got - want).max() < INT8_MAX_REL * np.abs(want).max()
     result = OnnxPipeline(folder).generate(ids, pixels, max_new_tokens=8)

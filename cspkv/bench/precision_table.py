@@ -89,8 +89,8 @@ def int8_fp32_parts(manifest: dict) -> tuple[list[str], list[str]] | None:
 
 
 def attention_quantized(manifest: dict) -> bool:
-    """An int8 export written before 2026-12-05, which quantized the attention MatMuls too (its
-    manifest has no count of the activation MatMuls kept fp32): never reused."""
+    """An int8 export whose attention MatMuls are quantized too (its manifest has no count of the
+    activation MatMuls kept fp32): never reused, as csp-export no longer builds that form."""
     graphs = manifest.get("conversion", {}).get("graphs", {})
     return any(g["quantized"] and "activation_matmuls_fp32" not in g for g in graphs.values())
 
