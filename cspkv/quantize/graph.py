@@ -7,6 +7,7 @@ generated node names.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import onnx
@@ -47,20 +48,13 @@ def _zero_multiplications(graph) -> set[int]:
     """Mul nodes with a constant scalar 0 operand."""
     zeros = {init.name for init in graph.initializer
              if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-             and _size(init.dims) == 1 and not numpy_helper.to_array(init).any()}
+             and math.prod(init.dims) == 1 and not numpy_helper.to_array(init).any()}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             tensor = node.attribute[0].t
-            if _size(tensor.dims) == 1 and not numpy_helper.to_array(tensor).any():
+            if math.prod(tensor.dims) == 1 and not numpy_helper.to_array(tensor).any():
                 zeros.add(node.output[0])
     return {i for i, node in enumerate(graph.node) if node.op_type == "Mul" and zeros & set(node.input)}
-
-
-def _size(dims) -> int:
-    size = 1
-    for dim in dims:
-        size *= dim
-    return size
 
 
 def scoring_path_nodes(model: onnx.ModelProto) -> list[str]:
