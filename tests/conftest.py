@@ -1,12 +1,28 @@
 """Shared fixtures: small LLaVA models and their exports, built once per test session."""
 
+import contextlib
+
 import pytest
 
 from cspkv.export.exporter import ExportPlan, export_model
+from cspkv.models import static_llama
 from cspkv.models.tiny import tiny_llava
 
 ARCHS = {"gqa": dict(n_heads=4, n_kv_heads=2, seed=3), "mha": dict(n_heads=4, n_kv_heads=4, seed=4)}
 P_MAX, DECODE_SLOTS = 256, 12
+# Small prefill blocks so that P_MAX spans many attention blocks and several chunks, the last one
+# shorter (256 = 3 x 80 + 16), and the window scores span more than one block.
+TEST_BLOCK, TEST_CHUNK = 16, 80
+
+
+@contextlib.contextmanager
+def prefill_blocks(block: int = TEST_BLOCK, chunk: int = TEST_CHUNK):
+    saved = static_llama.ATTENTION_BLOCK, static_llama.PREFILL_CHUNK
+    static_llama.ATTENTION_BLOCK, static_llama.PREFILL_CHUNK = block, chunk
+    try:
+        yield
+    finally:
+        static_llama.ATTENTION_BLOCK, static_llama.PREFILL_CHUNK = saved
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +40,8 @@ def exports(tmp_path_factory, models):
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"{arch}-{policy}-{budget}-{decode_n}")
             plan = ExportPlan.make(models[arch], policy, {}, budget, P_MAX, DECODE_SLOTS, decode_n)
-            export_model(models[arch], folder, plan, f"tiny-{arch}", force=True)
+            with prefill_blocks():
+                export_model(models[arch], folder, plan, f"tiny-{arch}", force=True)
             cache[key] = folder
         return cache[key]
 

@@ -142,3 +142,21 @@ def test_pipeline_step_with_the_planted_copy_gives_the_same_logits(exports):
         ids[0].numpy(), pixels.numpy(), max_new_tokens=6)
     assert plain.tokens == copied.tokens
     assert all(np.array_equal(a, b) for a, b in zip(plain.logits, copied.logits))
+
+
+def test_cached_exports_are_reused_only_when_made_by_this_code(exports, tmp_path):
+    """csp-bench's export cache: a folder whose graphs were traced by other code is rebuilt, never
+    measured as if it were this code's."""
+    import shutil
+
+    from cspkv.bench.suite import Exports
+    from cspkv.runtime.manifest import MANIFEST_NAME
+
+    cache = Exports(None, "tiny", None, tmp_path / "cache", BenchConfig(model="tiny"), progress=lambda m: None)
+    folder = tmp_path / "export"
+    shutil.copytree(exports("gqa", "csp", 0.5), folder)
+    assert cache._usable(folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["graph_code"] = "0" * 64
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert not cache._usable(folder)

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from conftest import P_MAX, TEST_CHUNK
 from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
 from cspkv.models.tiny import multi_image_prompt
 from cspkv.quantize.convert import PrecisionError, convert_export
@@ -86,6 +87,11 @@ def quantized_matmuls(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto,
             and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"}
 
 
+def per_layer(role: str) -> int:
+    """MatMuls per linear layer: the chunked prefill runs each projection once per chunk."""
+    return -(-P_MAX // TEST_CHUNK) if role == "prefill" else 1
+
+
 def fp32_weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, np.ndarray]]:
     """{MatMul output name: (MatMul, weight)} of the fp32 graph's weight MatMuls."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -123,7 +129,10 @@ def test_int4_quantizes_every_language_model_projection_in_blocks_of_32_and_reco
         inits = {i.name: i for i in model.graph.initializer}
         pairs = quantized_matmuls(model)
         modules = sorted(module_of(matmul).rsplit(".", 1)[-1] for _, matmul in pairs.values())
-        assert modules == sorted(PROJECTIONS * layers + ("lm_head",)), role     # every linear layer, nothing else
+        # every linear layer, nothing else
+        assert modules == sorted(PROJECTIONS * layers * per_layer(role) + ("lm_head",)), role
+        weights = {dq.input[0] for dq, _ in pairs.values()}
+        assert len(weights) == len(PROJECTIONS) * layers + 1                    # one DequantizeLinear each
         for dq, _ in pairs.values():
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
             assert attrs == {"axis": 0, "block_size": 32}
@@ -133,7 +142,7 @@ def test_int4_quantizes_every_language_model_projection_in_blocks_of_32_and_reco
             assert len(codes.raw_data) == k * n // 2                                    # two weights a byte
             assert list(scales.dims) == [k // 32, n] and scales.data_type == onnx.TensorProto.FLOAT
         graph = conversion["graphs"][role]
-        assert graph["int4_matmuls"] == len(PROJECTIONS) * layers + 1 == graph["weight_matmuls"]
+        assert graph["int4_matmuls"] == len(PROJECTIONS) * layers * per_layer(role) + 1 == graph["weight_matmuls"]
         assert graph["kept_float"] == {}
     assert conversion["graphs"]["vision"]["quantized"] is False
     assert list(conversion["graphs"]["vision"]["kept_float"]) == ["vision"]
@@ -219,7 +228,7 @@ def test_int4_keeps_lm_head_float_on_request(fp32, tmp_path):
             "lm_head": "lm_head kept float on request (quantize_lm_head=False)"}
         model = onnx.load(str(folder / f"{role}.onnx"))
         assert "lm_head" not in {module_of(m) for _, m in quantized_matmuls(model).values()}
-        assert len(quantized_matmuls(model)) == 7 * manifest["model"]["layers"]
+        assert len(quantized_matmuls(model)) == 7 * manifest["model"]["layers"] * per_layer(role)
     ids, pixels = multi_image_prompt(4, seed=2)
     assert len(OnnxPipeline(folder).generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=4).tokens) == 4
 
@@ -243,8 +252,8 @@ def test_int4_keeps_layers_whose_k_the_block_does_not_divide_in_float_and_names_
         assert all(kept[m] == "K=64 is smaller than the block size 128" for m in small | {"lm_head"})
         model = onnx.load(str(folder / f"{role}.onnx"))
         assert sorted(module_of(m) for _, m in quantized_matmuls(model).values()) == \
-            [f"text.layers.{i}.mlp.down_proj" for i in range(layers)]
-        assert manifest["conversion"]["graphs"][role]["int4_matmuls"] == layers
+            sorted(f"text.layers.{i}.mlp.down_proj" for i in range(layers) for _ in range(per_layer(role)))
+        assert manifest["conversion"]["graphs"][role]["int4_matmuls"] == layers * per_layer(role)
     assert "int4: decode: text.layers.0.self_attn.q_proj kept float (K=64 is smaller than the block size 128)" \
         in messages
 

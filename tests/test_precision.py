@@ -11,6 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from conftest import P_MAX, TEST_CHUNK
 from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
 from cspkv.models.tiny import multi_image_prompt
 from cspkv.quantize.calibration import HOW_TO, CalibrationError, CalibrationSettings, FeedReader, build_calibration_set, cache_key
@@ -230,10 +231,11 @@ def test_int8_quantizes_weight_matmuls_only_and_stays_close(fp32, converted, fla
     fp32_graph = onnx.load(str(fp32 / "prefill.onnx")).graph
     kept = {n.name for n in fp32_graph.node if n.op_type == "MatMul"
             and module_of(n).endswith((".down_proj", ".k_proj", ".v_proj"))}
-    assert len(kept) == 3 * read_manifest(fp32)["model"]["layers"] and kept <= excluded
+    chunks = -(-P_MAX // TEST_CHUNK)                  # the prefill runs each projection once per chunk
+    assert len(kept) == 3 * read_manifest(fp32)["model"]["layers"] * chunks and kept <= excluded
     assert kept <= {n.name for n in plain}            # every down_proj, k_proj and v_proj stays fp32
     q_proj = {n.name for n in fp32_graph.node if n.op_type == "MatMul" and module_of(n).endswith(".q_proj")}
-    assert len(q_proj) == read_manifest(fp32)["model"]["layers"]
+    assert len(q_proj) == read_manifest(fp32)["model"]["layers"] * chunks
     if flavour == "s8s8":                             # s8s8 keeps q_proj fp32 too: its shared input is lopsided
         assert q_proj <= {n.name for n in plain} and "q_proj" in manifest["conversion"]["exclude_module_types"]
     else:

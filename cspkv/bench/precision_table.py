@@ -34,7 +34,7 @@ from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
 from cspkv.evaluation import answers
 from cspkv.evaluation import easyvqa_tasks as tasks
 from cspkv.export.exporter import ExportPlan, export_model, load_processor
-from cspkv.export.manifest import model_fingerprint
+from cspkv.export.manifest import graph_code_fingerprint, model_fingerprint
 from cspkv.models.registry import load_model
 from cspkv.models.tiny import multi_image_prompt
 from cspkv.quantize.convert import convert_export
@@ -57,9 +57,11 @@ def fp32_export(model_name, budget, args, work: Path) -> Path:
     try:
         manifest = read_manifest(folder, verify_hashes=False)
         plan = manifest["plan"]
-        # Same plan *and* same weights: an export of weights since retrained is never reused.
+        # Same plan, same weights and same graph code: an export of weights since retrained, or
+        # one traced by other code, is never reused.
         if (plan["budget"], plan["max_prompt"], plan["decode_slots"]) == (budget, args.max_prompt, args.decode_slots) \
-                and manifest["model"]["fingerprint"] == fp32_export.fingerprint:
+                and manifest["model"]["fingerprint"] == fp32_export.fingerprint \
+                and manifest.get("graph_code") == graph_code_fingerprint():
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):
@@ -110,7 +112,8 @@ def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | Non
         wanted = (list(INT8_FLAVOUR_FP32_TYPES[precision[5:]] if keep_fp32 is None else keep_fp32),
                   sorted(INT8_FP32_GRAPHS if fp32_graphs is None else fp32_graphs)) if int8 else None
         if int8_fp32_parts(manifest) == wanted and not attention_quantized(manifest) and \
-                manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()}:
+                manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()} \
+                and manifest.get("graph_code") == graph_code_fingerprint():
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):

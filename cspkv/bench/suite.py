@@ -26,6 +26,7 @@ from cspkv.bench import ortgenai as ortgenai_peer
 from cspkv.bench.workload import bench_prompt
 from cspkv.export.exporter import ExportPlan, export_decode_graph, export_model
 from cspkv.export.graphs import VisionGraph
+from cspkv.export.manifest import graph_code_fingerprint
 from cspkv.models import default_model as dm
 from cspkv.models.registry import load_model
 from cspkv.quantize.convert import convert_export
@@ -114,9 +115,9 @@ class Exports:
         self._shared: dict[str, Path] = {}
 
     def _usable(self, folder: Path) -> bool:
+        """A complete folder made by this code (an export by other code is rebuilt)."""
         try:
-            read_manifest(folder, verify_hashes=False)
-            return True
+            return read_manifest(folder, verify_hashes=False).get("graph_code") == graph_code_fingerprint()
         except ManifestError:
             return False
 

@@ -22,7 +22,8 @@ import math
 import torch
 from torch import nn
 
-from cspkv.models.static_llama import ATTENTION_BLOCK, DecoderShape, after, decode_step, prefill_layers
+from cspkv.models import static_llama
+from cspkv.models.static_llama import DecoderShape, after, decode_step, prefill_layers
 from cspkv.models.llava import causal_window_logits
 from cspkv.pruning import IMAGE, PAD, PruningPolicy, keep_count
 from cspkv.pruning.base import MASS_WINDOW_RATIO, floor_ratio
@@ -48,20 +49,23 @@ def window_rows(valid_length: torch.Tensor, rows_needed: torch.Tensor, max_rows:
     return positions, in_window
 
 
-def window_sum(q, k, key_modality, rows, in_window, scaling, row_sums, chunk: int = ATTENTION_BLOCK):
-    """Each ``row_sum(logits, query_modality)`` of ``row_sums`` summed over the window ``rows``,
-    ``chunk`` rows at a time (one logits tensor per chunk serves them all).
+def window_sum(q, k, key_modality, rows, in_window, scaling, row_sums):
+    """Each ``row_sum(logits, query_modality)`` of ``row_sums`` summed over the window queries
+    ``q`` [1, H_q, R, D] at positions ``rows`` [R], ATTENTION_BLOCK rows at a time (one logits
+    tensor per chunk serves them all).
 
     Every window quantity (policy scores, re-score mass) is a sum over rows of a row-local
     function, so chunking gives the same sums while the largest logits tensor stays
     [H_q, chunk, P]: the window is 10% of P, and all of it at once would grow with P^2.
     Rows outside the window carry query modality PAD and add nothing.
     """
-    totals = [None] * len(row_sums)
+    totals, chunk = [None] * len(row_sums), static_llama.ATTENTION_BLOCK
     for start in range(0, rows.shape[0], chunk):
         part_rows = rows[start:start + chunk]
         query_modality = torch.where(in_window[None, start:start + chunk], key_modality[:, part_rows], PAD)
-        queries = q[:, :, part_rows] if totals[0] is None else after(q[:, :, part_rows], totals[0])
+        queries = q[:, :, start:start + chunk]
+        if totals[0] is not None:
+            queries = after(queries, totals[0])
         logits = causal_window_logits(queries, k, part_rows, scaling)
         for i, row_sum in enumerate(row_sums):
             part = row_sum(logits, query_modality)
@@ -101,10 +105,17 @@ class PrefillGraph(nn.Module):
                                            self.max_score_rows)
         mass_needed = torch.clamp(floor_ratio(MASS_WINDOW_RATIO, valid_length), min=1)
         mass_rows, mass_in = window_rows(valid_length, mass_needed, self.max_mass_rows)
-        outputs = []
+        # Both windows end at the last valid token: the queries of the longer one serve both.
+        kept_rows = max(self.max_mass_rows, self.max_score_rows if self.policy.uses_window_attention else 0)
+        window, _ = window_rows(valid_length, valid_length, kept_rows)
 
-        def on_layer(index, q, k, v):
+        hidden, layers = prefill_layers(self.text, embeds, valid_length, window)
+        outputs, done = [], hidden
+        for index, (q, k, v) in enumerate(layers):
             scaling = self.text.layers[index].self_attn.scaling
+            # one layer's scoring at a time; k too, or its transposes for the window logits run
+            # as soon as k exists and every layer's copy waits here
+            q, k = after(q, done), after(k, done)
 
             def score(logits, rows):
                 return self.policy.score(logits, key_modality, rows)
@@ -112,19 +123,19 @@ class PrefillGraph(nn.Module):
             def window_mass(logits, rows):
                 return PruningPolicy.attention_score(logits, key_modality, rows)[:, :, 0]
 
+            mass_q = q[:, :, kept_rows - self.max_mass_rows:]
             if self.shared_window:      # the score's window is the mass window: one pass for both
-                scores, mass = window_sum(q, k, key_modality, mass_rows, mass_in, scaling, [score, window_mass])
+                scores, mass = window_sum(mass_q, k, key_modality, mass_rows, mass_in, scaling, [score, window_mass])
             else:
-                mass, = window_sum(q, k, key_modality, mass_rows, mass_in, scaling, [window_mass])
+                mass, = window_sum(mass_q, k, key_modality, mass_rows, mass_in, scaling, [window_mass])
                 if self.policy.uses_window_attention:
-                    scores, = window_sum(q, k, key_modality, score_rows, score_in, scaling, [score])
+                    score_q = q[:, :, kept_rows - self.max_score_rows:]
+                    scores, = window_sum(score_q, k, key_modality, score_rows, score_in, scaling, [score])
                 else:  # the score ignores attention: one call over a window of no rows
                     no_rows = k.new_zeros(1, self.shape.n_kv_heads, self.shape.groups, 0, self.max_prompt)
                     scores = self.policy.score(no_rows, key_modality, key_modality[:, :0])
             outputs.append((k, v, scores, mass[0] / mass_needed.to(mass.dtype)))      # mass [H, P]
-            return scores.reshape(-1)[:1] + mass.reshape(-1)[:1]    # what the next layer waits for
-
-        hidden = prefill_layers(self.text, embeds, valid_length, on_layer)
+            done = scores.reshape(-1)[:1] + mass.reshape(-1)[:1]
         last = torch.index_select(hidden, 1, valid_length - 1)                       # [1, 1, hidden], a Gather
         logits = self.lm_head(self.text.norm(last))[:, -1].float()
         # One selection for all layers (layers as the batch): the same choice per layer with one
@@ -133,13 +144,18 @@ class PrefillGraph(nn.Module):
         scores = torch.cat([o[2] for o in outputs])                                   # [layers, H, S, P]
         kept = self.policy.kept_indices(scores, key_modality.expand(layers, -1), n_keep, self.max_keep,
                                         self.shape.n_kv_heads)                        # [layers, H, C]
-        gather = kept[:, None, :, :, None].expand(-1, 1, -1, -1, self.shape.head_dim)
-        keys = torch.stack([o[0] for o in outputs]).gather(3, gather)                 # [layers, 1, H, C, D]
-        values = torch.stack([o[1] for o in outputs]).gather(3, gather)
         pad = self.n_slots - self.max_keep
-        kv = torch.stack([keys, values], dim=1)                                       # [layers, 2, 1, H, C, D]
-        kv = kv * slot_valid[:, None].to(kv.dtype)
-        kv = nn.functional.pad(kv, (0, 0, 0, pad))
+        heads, dim = self.shape.n_kv_heads, self.shape.head_dim
+        head_rows = torch.arange(heads, dtype=torch.int64)[:, None] * self.max_prompt           # [H, 1]
+        layer_kv = []
+        for index, (k, v, _, _) in enumerate(outputs):
+            # each layer's kept rows by one Gather over its [H * P, D] rows (no index tensor
+            # expanded to [C, D], no stacked copy of every layer's K/V)
+            rows = (kept[index] + head_rows).reshape(-1)
+            pair = torch.stack([x.reshape(heads * self.max_prompt, dim).index_select(0, rows).reshape(1, heads, -1, dim)
+                                for x in (k, v)])                                     # [2, 1, H, C, D]
+            layer_kv.append(nn.functional.pad(pair * slot_valid[:, None].to(pair.dtype), (0, 0, 0, pad)))
+        kv = torch.stack(layer_kv)                                                    # [layers, 2, 1, H, S, D]
         slot_position = nn.functional.pad(torch.where(slot_valid, kept, -1), (0, pad), value=-1)
         kept_modality = key_modality[0][kept]
         slot_modality = nn.functional.pad(torch.where(slot_valid, kept_modality, -1), (0, pad), value=-1)

@@ -39,6 +39,23 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+# The package sources that decide what an exported graph computes (the traced models, the pruning
+# policies, the export and the precision conversions).
+_GRAPH_SOURCES = ("models", "pruning", "export", "quantize")
+
+
+def graph_code_fingerprint() -> str:
+    """A hash of the sources the graphs are built from. Caches of export folders (csp-bench, the
+    precision table) reuse a folder only when it matches, so an export made by other code is
+    rebuilt rather than measured as if it were this one."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for sub in _GRAPH_SOURCES for p in (root / sub).rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def io_specs(path: Path) -> dict:
     graph = onnx.load(str(path), load_external_data=False).graph
 
@@ -117,6 +134,7 @@ def build_manifest(model, model_id, plan, out: Path, graphs: dict, opset: int, t
         "runtime_abi": ABI_VERSION,
         "opset": opset,
         "exporter": "torch.onnx dynamo",
+        "graph_code": graph_code_fingerprint(),
         "precision": "fp32",
         "kv_dtype": PRECISIONS["fp32"],
         "export_seconds": timings,

@@ -111,6 +111,8 @@ def share_weights(folder: str | Path, graphs: dict[str, str]) -> dict:
             readers = _consumers(graph)
             kept, renamed, written = [], {}, set()
             for tensor in graph.initializer:
+                if tensor.name not in readers and tensor.name not in outputs:
+                    continue                       # read by nothing (a weight whose transposes were folded)
                 array = numpy_helper.to_array(tensor)
                 if (array.nbytes < MIN_BYTES or tensor.name in outputs or array.dtype not in WEIGHT_DTYPES
                         or not readers.get(tensor.name, {""}) <= WEIGHT_OPS):

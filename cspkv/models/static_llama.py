@@ -106,22 +106,29 @@ def decode_step(text_model, lm_head, token: torch.Tensor, position: torch.Tensor
 
 
 # Query rows per attention block in the prefill: the largest logits tensor is
-# [H_q, ATTENTION_BLOCK, P] instead of [H_q, P, P], so prefill memory grows linearly with P.
+# [H_q, ATTENTION_BLOCK, P] instead of [H_q, P, P].
 ATTENTION_BLOCK = 256
+# Prompt rows taken through every layer at a time (a multiple of ATTENTION_BLOCK). Chunk-major
+# order gives each chunk its own tensor shapes, which its layers share and nothing after it
+# reuses: ONNX Runtime's planner reuses a freed buffer only for a tensor of the same shape and
+# keeps it allocated in between, so in layer-major order every block's differently shaped
+# buffers stayed allocated from the first layer to the last (memory growing with P^2).
+PREFILL_CHUNK = 1024
 
 
 def after(x: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
     """``x``, made to depend on ``done`` (plus zero times one of its values). Graph runtimes order
     independent branches as they like, and ONNX Runtime's default order runs the blocks of a layer
     side by side, holding every block's logits at once; this dependency makes each block (and each
-    layer's scoring) finish before the next starts, so one block's tensors are live at a time."""
+    chunk, and each layer's scoring) finish before the next starts."""
     return x + done.reshape(-1)[:1].to(x.dtype) * 0.0
 
 
-def causal_block_biases(length: int, valid_length: torch.Tensor, block: int = ATTENTION_BLOCK):
-    """The additive masks of each query block of a right-padded prompt: block i's rows against the
-    keys before the block's end, 0 where a key is at or before the row and before valid_length,
-    -inf elsewhere. Computed once per prefill and shared by every layer."""
+def causal_block_biases(length: int, valid_length: torch.Tensor):
+    """The additive masks of each query block (ATTENTION_BLOCK rows) of a right-padded prompt:
+    block i's rows against the keys before the block's end, 0 where a key is at or before the row
+    and before valid_length, -inf elsewhere. Computed once per prefill and shared by every layer."""
+    block = ATTENTION_BLOCK
     offsets = torch.arange(block, dtype=torch.int64)
     triangle = offsets[None, :] <= offsets[:, None]          # the one constant: [block, block]
     biases = []
@@ -138,37 +145,69 @@ def causal_block_biases(length: int, valid_length: torch.Tensor, block: int = AT
 
 
 def causal_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases, scaling: float) -> torch.Tensor:
-    """Causal attention of a right-padded prompt, ``block`` query rows at a time.
+    """Causal attention of consecutive query rows, one block at a time.
 
-    q [1, H_q, P, D], k/v [1, H_kv, P, D]; ``biases`` from :func:`causal_block_biases`. Block i's
-    rows see only keys before the block's end (a static slice), so the causal upper triangle is
-    never computed and no P x P tensor exists. Returns [1, P, H_q * D].
+    q [1, H_q, T, D] holds the rows of ``biases`` (from :func:`causal_block_biases`, in order);
+    k/v [1, H_kv, S, D] the keys up to the last block's end. Block i's rows see only keys before
+    the block's end (a static slice), so the causal upper triangle is never computed and no
+    P x P tensor exists. Returns [1, T, H_q * D].
     """
     outputs, start = [], 0
     for bias in biases:
-        stop = bias.shape[1]                       # the block's rows end where its keys end
-        rows = q[:, :, start:stop] if not outputs else after(q[:, :, start:stop], outputs[-1])
-        out, _ = grouped_attention(rows, k[:, :, :stop], v[:, :, :stop], bias, scaling)
+        rows, stop = bias.shape
+        block = q[:, :, start:start + rows] if not outputs else after(q[:, :, start:start + rows], outputs[-1])
+        out, _ = grouped_attention(block, k[:, :, :stop], v[:, :, :stop], bias, scaling)
         outputs.append(out)
-        start = stop
+        start += rows
     return torch.cat(outputs, dim=1)
 
 
-def prefill_layers(text_model, embeds: torch.Tensor, valid_length: torch.Tensor, on_layer):
-    """Causal attention over a right-padded prompt [1, P, hidden] (:func:`causal_block_attention`);
-    keys at or past valid_length are masked. ``on_layer(index, q, k, v)`` sees each layer's
-    rotary-applied queries [1, H_q, P, D] and keys/values [1, H_kv, P, D] and may return a tensor
-    that the next layer then waits for. Returns the final hidden states."""
+def gather_rows(x: torch.Tensor, positions: torch.Tensor, start: int, into: torch.Tensor | None) -> torch.Tensor:
+    """``into`` [1, H, R, D] with the rows of ``positions`` that fall in ``x`` (the rows
+    start .. start + T of [1, H, T, D]) taken from it. Without ``into`` (the first chunk) every row
+    is taken from ``x``, clamped: rows outside it are overwritten by the chunk that holds them, as
+    every position is in some chunk."""
+    rows = x.shape[2]
+    picked = torch.index_select(x, 2, torch.clamp(positions - start, min=0, max=rows - 1))
+    if into is None:
+        return picked
+    inside = ((positions >= start) & (positions < start + rows))[None, None, :, None]
+    return torch.where(inside, picked, into)
+
+
+def prefill_layers(text_model, embeds: torch.Tensor, valid_length: torch.Tensor, window: torch.Tensor):
+    """Causal attention over a right-padded prompt [1, P, hidden], PREFILL_CHUNK rows through
+    every layer at a time (:func:`causal_block_attention` over the keys so far); keys at or past
+    valid_length are masked.
+
+    ``window`` [R] are the query positions whose rotary-applied queries each layer keeps. Returns
+    the final hidden states [1, P, hidden] and per layer the window queries [1, H_q, R, D] and the
+    keys and values [1, H_kv, P, D].
+    """
     shape = DecoderShape(text_model.config)
-    positions = torch.arange(embeds.shape[1], dtype=torch.int64)
+    length = embeds.shape[1]
+    positions = torch.arange(length, dtype=torch.int64)
     cos, sin = text_model.rotary_emb(embeds, positions[None])
-    biases = causal_block_biases(embeds.shape[1], valid_length)
-    hidden = embeds
-    for index, layer in enumerate(text_model.layers):
-        q, k, v = attention_inputs(layer, hidden, shape, cos, sin)
-        out = causal_block_attention(q, k, v, biases, layer.self_attn.scaling)
-        hidden = layer_output(layer, hidden, out)
-        done = on_layer(index, q, k, v)
-        if done is not None:       # the layer's scoring finishes before the next layer starts
-            hidden = after(hidden, done)
-    return hidden
+    biases = causal_block_biases(length, valid_length)
+    if PREFILL_CHUNK % ATTENTION_BLOCK:
+        raise ValueError(f"PREFILL_CHUNK ({PREFILL_CHUNK}) must be a multiple of ATTENTION_BLOCK ({ATTENTION_BLOCK})")
+    per_chunk = PREFILL_CHUNK // ATTENTION_BLOCK
+    n_layers = len(text_model.layers)
+    keys, values, queries = [None] * n_layers, [None] * n_layers, [None] * n_layers
+    outputs = []
+    for first in range(0, length, PREFILL_CHUNK):
+        stop = min(first + PREFILL_CHUNK, length)
+        hidden = embeds[:, first:stop]
+        if outputs:                # the previous chunk finishes before this one starts
+            hidden = after(hidden, outputs[-1])
+        chunk_biases = biases[first // ATTENTION_BLOCK:][:per_chunk]
+        for index, layer in enumerate(text_model.layers):
+            q, k, v = attention_inputs(layer, hidden, shape, cos[:, first:stop], sin[:, first:stop])
+            keys[index] = k if keys[index] is None else torch.cat([keys[index], k], dim=2)
+            values[index] = v if values[index] is None else torch.cat([values[index], v], dim=2)
+            queries[index] = gather_rows(q, window, first, queries[index])
+            out = causal_block_attention(q, keys[index], values[index], chunk_biases, layer.self_attn.scaling)
+            # the next layer waits for the window rows: gathered later, they would hold all of q
+            hidden = after(layer_output(layer, hidden, out), queries[index])
+        outputs.append(hidden)
+    return torch.cat(outputs, dim=1), list(zip(queries, keys, values))

@@ -109,6 +109,27 @@ def _quiet_quantizer():
         logger.setLevel(before)
 
 
+def _one_dequantize_per_weight(model: onnx.ModelProto) -> None:
+    """The quantizer writes a DequantizeLinear (and its codes and scales) for each MatMul; a weight
+    that several MatMuls read (the chunked prefill reads each projection once per chunk) then gets
+    the same names several times. Keep the first of each: the copies are the same tensors."""
+    seen_outputs, nodes = set(), []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in seen_outputs:
+            continue
+        seen_outputs.update(node.output)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    seen, initializers = set(), []
+    for tensor in model.graph.initializer:
+        if tensor.name not in seen:
+            seen.add(tensor.name)
+            initializers.append(tensor)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+
+
 def int4_graph(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = INT4_SYMMETRIC,
                quantize_lm_head: bool = True) -> tuple[onnx.ModelProto, dict]:
     """One graph with its blockable weight MatMuls in blocked INT4 QDQ form (``model`` is changed in
@@ -126,6 +147,7 @@ def int4_graph(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE, symmet
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
     # the quantizer's new nodes carry no metadata: give each the "namespace" (module) of the MatMul it replaces
     traced = {n.output[0]: list(n.metadata_props) for n in model.graph.node if n.name in chosen}
+    model_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in model.graph.node if n.name in chosen]
     with _quiet_quantizer() as nbits:
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                                     quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",),
@@ -133,6 +155,7 @@ def int4_graph(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE, symmet
         quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
         quantizer.process()
         result = quantizer.model.model
+    _one_dequantize_per_weight(result)
     for node in result.graph.node:
         if node.op_type == "MatMul" and node.output[0] in traced and not node.metadata_props:
             node.metadata_props.extend(traced[node.output[0]])
@@ -142,9 +165,10 @@ def int4_graph(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE, symmet
         if source is not None and source.op_type == "DequantizeLinear" and not source.metadata_props:
             source.metadata_props.extend(node.metadata_props)
     dequantize = sum(1 for n in result.graph.node if n.op_type == "DequantizeLinear")
-    if dequantize != len(quantize):
-        raise Int4Error(f"onnxruntime's quantizer blocked {dequantize} of the {len(quantize)} planned weight "
-                        "MatMuls: report this as a bug")
+    distinct = len({n.input[1] for n in model_nodes if n.name in chosen})
+    if dequantize != distinct:
+        raise Int4Error(f"onnxruntime's quantizer blocked {dequantize} of the {distinct} planned weights "
+                        "(MatMul inputs): report this as a bug")
     return result, {"weight_matmuls": len(weights), "int4_matmuls": len(quantize), "kept_float": kept}
 
 
