@@ -19,7 +19,8 @@ from cspkv.runtime.manifest import STAMP_KEY, file_sha256
 # Fields that describe the export for people (or for re-conversion) and that nothing at run time
 # reads: changing them must change nothing. Every other field must be refused when it changes.
 INFORMATIONAL = {
-    ("export_seconds",), ("exporter",), ("opset",), ("versions",), ("model", "id"), ("model", "eos_token_id"),
+    ("export_seconds",), ("exporter",), ("graph_code",), ("opset",), ("versions",), ("model", "id"),
+    ("model", "eos_token_id"),
     ("model", "text_model_type"), ("slots", "kept_at_budget"),
 }
 
