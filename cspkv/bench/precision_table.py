@@ -34,7 +34,7 @@ from cspkv.engines.onnx_runtime import OnnxPipeline, OrtEngine
 from cspkv.evaluation import answers
 from cspkv.evaluation import easyvqa_tasks as tasks
 from cspkv.export.exporter import ExportPlan, export_model, load_processor
-from cspkv.export.manifest import graph_code_fingerprint, model_fingerprint
+from cspkv.export.manifest import model_fingerprint, traced_by_this_code
 from cspkv.models.registry import load_model
 from cspkv.models.tiny import multi_image_prompt
 from cspkv.quantize.convert import convert_export
@@ -61,7 +61,7 @@ def fp32_export(model_name, budget, args, work: Path) -> Path:
         # one traced by other code, is never reused.
         if (plan["budget"], plan["max_prompt"], plan["decode_slots"]) == (budget, args.max_prompt, args.decode_slots) \
                 and manifest["model"]["fingerprint"] == fp32_export.fingerprint \
-                and manifest.get("graph_code") == graph_code_fingerprint():
+                and traced_by_this_code(manifest):
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):
@@ -113,7 +113,7 @@ def converted(fp32: Path, precision: str, work: Path, keep_fp32: list[str] | Non
                   sorted(INT8_FP32_GRAPHS if fp32_graphs is None else fp32_graphs)) if int8 else None
         if int8_fp32_parts(manifest) == wanted and not attention_quantized(manifest) and \
                 manifest["source"]["files"] == {n: m["sha256"] for n, m in source["files"].items()} \
-                and manifest.get("graph_code") == graph_code_fingerprint():
+                and traced_by_this_code(manifest):
             log(f"reusing {folder}")
             return folder
     except (ManifestError, KeyError):

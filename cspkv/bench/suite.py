@@ -26,7 +26,7 @@ from cspkv.bench import ortgenai as ortgenai_peer
 from cspkv.bench.workload import bench_prompt
 from cspkv.export.exporter import ExportPlan, export_decode_graph, export_model
 from cspkv.export.graphs import VisionGraph
-from cspkv.export.manifest import graph_code_fingerprint
+from cspkv.export.manifest import traced_by_this_code
 from cspkv.models import default_model as dm
 from cspkv.models.registry import load_model
 from cspkv.quantize.convert import convert_export
@@ -117,7 +117,7 @@ class Exports:
     def _usable(self, folder: Path) -> bool:
         """A complete folder made by this code (an export by other code is rebuilt)."""
         try:
-            return read_manifest(folder, verify_hashes=False).get("graph_code") == graph_code_fingerprint()
+            return traced_by_this_code(read_manifest(folder, verify_hashes=False))
         except ManifestError:
             return False
 

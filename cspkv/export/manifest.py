@@ -4,6 +4,7 @@ into each graph. Reading and checking a folder is :mod:`cspkv.runtime.manifest`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -44,16 +45,22 @@ def model_fingerprint(model) -> str:
 _GRAPH_SOURCES = ("models", "pruning", "export", "quantize")
 
 
+@functools.lru_cache(maxsize=1)
 def graph_code_fingerprint() -> str:
-    """A hash of the sources the graphs are built from. Caches of export folders (csp-bench, the
-    precision table) reuse a folder only when it matches, so an export made by other code is
-    rebuilt rather than measured as if it were this one."""
+    """A hash of the sources the graphs are built from (read once per process)."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for path in sorted(p for sub in _GRAPH_SOURCES for p in (root / sub).rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def traced_by_this_code(manifest: dict) -> bool:
+    """Whether an export's graphs come from this code. Caches of export folders (csp-bench, the
+    precision table) reuse a folder only then, so an export made by other code is rebuilt rather
+    than measured as if it were this one."""
+    return manifest.get("graph_code") == graph_code_fingerprint()
 
 
 def io_specs(path: Path) -> dict:

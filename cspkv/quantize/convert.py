@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 import onnx
 
-from cspkv.export.manifest import finish_manifest, graph_code_fingerprint, package_versions, write_manifest
+from cspkv.export.manifest import (finish_manifest, graph_code_fingerprint, package_versions, traced_by_this_code,
+                                   write_manifest)
 from cspkv.export.weights import WEIGHTS_FILE, share_weights
 from cspkv.quantize.calibration import CalibrationSet, build_calibration_set
 from cspkv.quantize.fp16 import FP16_OP_BLOCK, fp16_graph
@@ -72,7 +73,7 @@ def _finish(src: Path, dst: Path, source: dict, precision: str, conversion: dict
         "conversion": conversion,
         "versions": package_versions(),
         # this code's fingerprint only when it also traced the source (caches then reuse the folder)
-        "graph_code": graph_code_fingerprint() if source.get("graph_code") == graph_code_fingerprint() else None,
+        "graph_code": graph_code_fingerprint() if traced_by_this_code(source) else None,
     })
     manifest["weights"] = share_weights(dst, manifest["graphs"])
     write_manifest(dst, finish_manifest(dst, manifest))

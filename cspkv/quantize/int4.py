@@ -147,7 +147,7 @@ def int4_graph(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE, symmet
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
     # the quantizer's new nodes carry no metadata: give each the "namespace" (module) of the MatMul it replaces
     traced = {n.output[0]: list(n.metadata_props) for n in model.graph.node if n.name in chosen}
-    model_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in model.graph.node if n.name in chosen]
+    distinct = len({n.input[1] for n in model.graph.node if n.name in chosen})   # weights, each read by 1+ MatMuls
     with _quiet_quantizer() as nbits:
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                                     quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",),
@@ -165,7 +165,6 @@ def int4_graph(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE, symmet
         if source is not None and source.op_type == "DequantizeLinear" and not source.metadata_props:
             source.metadata_props.extend(node.metadata_props)
     dequantize = sum(1 for n in result.graph.node if n.op_type == "DequantizeLinear")
-    distinct = len({n.input[1] for n in model_nodes if n.name in chosen})
     if dequantize != distinct:
         raise Int4Error(f"onnxruntime's quantizer blocked {dequantize} of the {distinct} planned weights "
                         "(MatMul inputs): report this as a bug")
