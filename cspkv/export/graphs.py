@@ -26,7 +26,7 @@ from cspkv.models import static_llama
 from cspkv.models.static_llama import DecoderShape, after, decode_step, prefill_layers
 from cspkv.models.llava import causal_window_logits
 from cspkv.pruning import IMAGE, PAD, PruningPolicy, keep_count
-from cspkv.pruning.base import MASS_WINDOW_RATIO, floor_ratio
+from cspkv.pruning.base import MASS_WINDOW_RATIO, floor_ratio, padded_keys_masked
 
 
 
@@ -68,7 +68,8 @@ def window_sum(q, k, key_modality, rows, in_window, scaling, row_sums):
             queries = after(queries, totals[0])
         logits = causal_window_logits(queries, k, part_rows, scaling)
         for i, row_sum in enumerate(row_sums):
-            part = row_sum(logits, query_modality)
+            with padded_keys_masked():      # the window rows' causal mask covers every padded key
+                part = row_sum(logits, query_modality)
             totals[i] = part if totals[i] is None else totals[i] + part
     return totals
 

