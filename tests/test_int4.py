@@ -207,15 +207,51 @@ def test_int4_logits_stay_close_to_fp32_and_the_fused_kernel_runs_end_to_end(fp3
     assert np.abs(result.logits[0] - reference).max() < INT4_MAX_REL * np.abs(reference).max()
 
 
-def test_int4_graphs_fail_tensorrt_readiness_only_on_the_opset(int4):
-    """What the readiness check says today: blocked int4 DequantizeLinear needs opset 21, and the check
-    takes opset 18 only; nothing else in the graphs is refused."""
+def test_int4_graphs_are_tensorrt_ready(int4):
+    """Opset 21 (for the INT4 weights), symmetric blocked DequantizeLinear on constant weights feeding
+    MatMul weights: what TensorRT's IDequantizeLayer takes."""
     from cspkv.export.readiness import check_graph
 
     for role in ("prefill", "decode"):
         report = check_graph(int4 / f"{role}.onnx")
-        assert report.problems == ["opset 21, expected 18"], report.problems
+        assert report.ok, report.problems
         assert report.op_counts["DequantizeLinear"] == 7 * read_manifest(int4)["model"]["layers"] + 1
+
+
+def test_readiness_refuses_int4_forms_tensorrt_does_not_take(tmp_path):
+    from onnx import TensorProto, helper
+
+    from cspkv.export.readiness import check_graph
+
+    def graph(zero=None, reader="MatMul", opset=21, weight_type=TensorProto.INT4, scale_input=False):
+        weight = helper.make_tensor("w", weight_type, [64, 8], np.zeros(64 * 8, np.int8).tolist())
+        inits = [weight]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])]
+        if scale_input:
+            inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 8]))
+        else:
+            inits.append(helper.make_tensor("s", TensorProto.FLOAT, [2, 8], np.ones(16, np.float32).tolist()))
+        dq_inputs = ["w", "s"]
+        if zero is not None:
+            inits.append(helper.make_tensor("z", weight_type, [2, 8], [zero] * 16))
+            dq_inputs.append("z")
+        nodes = [helper.make_node("DequantizeLinear", dq_inputs, ["wf"], axis=0, block_size=32, name="dq")]
+        nodes.append(helper.make_node("MatMul", ["x", "wf"], ["y"], name="mm") if reader == "MatMul"
+                     else helper.make_node("Add", ["wf", "wf"], ["y"], name="add"))
+        out_shape = [1, 8] if reader == "MatMul" else [64, 8]
+        g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+        path = tmp_path / f"g{len(list(tmp_path.iterdir()))}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), path)
+        return "\n".join(check_graph(path).problems)
+
+    assert graph() == ""
+    assert graph(zero=0) == ""
+    assert "zero point must be absent or zero" in graph(zero=3)
+    assert "must feed only MatMul weights" in graph(reader="Add")
+    assert "scale is not a constant" in graph(scale_input=True)
+    assert "block quantization (a 2-D scale) is for INT4 weights only" in graph(weight_type=TensorProto.INT8)
+    assert "opset 21 without INT4 weights" in graph(weight_type=TensorProto.INT8)
+    assert "opset 20, expected 18 (21 for INT4 weights)" in graph(opset=20)
 
 
 def test_int4_keeps_lm_head_float_on_request(fp32, tmp_path):
