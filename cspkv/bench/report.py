@@ -20,14 +20,15 @@ def markdown(result: dict) -> str:
              f"onnxruntime {m['onnxruntime']}; load average at start {m['load_average'][0]:.2f}. "
              f"Copy bandwidth {bw['gb_per_s']:.1f} GB/s (read + write).",
              "",
-             "| runtime | prompt | budget | precision | step median ms | p90 ms | tokens/s | TTFT ms | KV MiB "
-             "| peak RSS MiB | step × HF full | floor ms | × floor |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| runtime | prompt | budget | precision | step median ms | p90 ms | tokens/s | TTFT ms "
+             "| of it vision ms | KV MiB | peak RSS MiB | step × HF full | floor ms | × floor |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         rss = r.get("peak_rss_bytes")
         lines.append(
             f"| {r['runtime']} | {r['length']} | {r['budget']} | {r['precision']} | {r['step_median_ms']:.1f} "
-            f"| {r['step_p90_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['ttft_ms']:.0f} | {r['kv_bytes'] / MIB:.1f} "
+            f"| {r['step_p90_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['ttft_ms']:.0f} "
+            f"| {_fmt(r.get('vision_ms'), '.0f')} | {r['kv_bytes'] / MIB:.1f} "
             f"| {_fmt(rss and rss / MIB, '.0f')} | {_fmt(r.get('step_vs_hf_full'), '.2f')} "
             f"| {r['floor_ms']:.1f} | {r['x_floor']:.1f} |")
     if result["scaling"]:

@@ -35,7 +35,7 @@ def run_cspkv(folder: str, ids: np.ndarray, pixels: np.ndarray, new_tokens: int,
     pipeline = OnnxPipeline(OrtEngine(folder, threads=threads))
     result = pipeline.generate(ids, pixels, max_new_tokens=new_tokens, keep_logits=False, on_token=on_token)
     return _result(result.ttft_s, result.step_s, result.kv_bytes, tokens=len(result.tokens),
-                   slots=pipeline.n_slots, kv_dtype=str(pipeline.buffer.dtype))
+                   slots=pipeline.n_slots, kv_dtype=str(pipeline.buffer.dtype), vision_ms=1e3 * result.vision_s)
 
 
 def run_ortgenai(model_dir: str, ids: np.ndarray, new_tokens: int, threads: int | None = None) -> dict:

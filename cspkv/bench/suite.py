@@ -75,6 +75,7 @@ def summarise(raw: dict) -> dict:
             "step_p90_ms": float(np.percentile(steps, 90)),
             "tokens_per_s": float(1e3 / steps.mean()) if np.isfinite(steps).all() else float("nan"),
             "kv_bytes": raw["kv_bytes"], "peak_rss_bytes": raw.get("peak_rss_bytes"),
+            "vision_ms": raw.get("vision_ms"),
             "steps": len(raw.get("step_ms") or [])}
 
 

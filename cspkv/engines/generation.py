@@ -47,6 +47,7 @@ class PipelineResult:
     step_s: list[float] = field(default_factory=list)
     kv_bytes: int = 0                 # K/V memory held (fixed)
     full_kv_bytes: int = 0            # what an unpruned cache would hold for this sequence
+    vision_s: float = 0.0             # the part of ttft_s spent in the vision graph
 
     @property
     def tokens_per_s(self) -> float:
@@ -136,11 +137,14 @@ class Pipeline:
                              f"{plan['image_tokens']} tokens were given: one image placeholder per image")
         return modality, pixel_values
 
-    def _prefill(self, input_ids: np.ndarray, modality: np.ndarray, pixel_values) -> tuple[np.ndarray, np.ndarray]:
-        """Vision and prefill, the pruned prompt loaded into the buffer: (logits, kept positions)."""
-        features = None
+    def _prefill(self, input_ids: np.ndarray, modality: np.ndarray, pixel_values):
+        """Vision and prefill, the pruned prompt loaded into the buffer: (logits, kept positions,
+        seconds spent in the vision graph)."""
+        features, vision_s = None, 0.0
         if pixel_values is not None and len(pixel_values):
+            start = time.perf_counter()
             features = self.engine.image_features(pixel_values).reshape(-1, self.manifest["model"]["hidden_size"])
+            vision_s = time.perf_counter() - start
         out = self.engine.prefill(input_ids, modality, features)
         c = self.max_keep
         n_valid = out["slot_valid"][:, :, :c].sum(-1).astype(np.int32)
@@ -149,7 +153,7 @@ class Pipeline:
         except NonFiniteError as exc:
             raise ValueError(f"the prefill graph's K/V hold a NaN or infinity ({exc.detail}): its numbers "
                              "overflowed; run the fp32 export") from None
-        return out["logits"][0], out["slot_position"][:, :, : int(n_valid.min())]
+        return out["logits"][0], out["slot_position"][:, :, : int(n_valid.min())], vision_s
 
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32,
                  eos_token_id: int | None = None, on_token: Callable[[int], None] | None = None,
@@ -167,7 +171,7 @@ class Pipeline:
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         modality, pixel_values = self._check_sizes(input_ids, pixel_values)
         start = time.perf_counter()
-        first, kept = self._prefill(input_ids, modality, pixel_values)
+        first, kept, vision_s = self._prefill(input_ids, modality, pixel_values)
         tokens, logits, steps = [int(first.argmax())], [first.copy()], []
         ttft = time.perf_counter() - start
         if on_token:
@@ -186,4 +190,4 @@ class Pipeline:
                 on_token(tokens[-1])
         per_entry = self.layers * 2 * self.heads * self.head_dim * self.kv_dtype.itemsize
         return PipelineResult(tokens, logits, kept, len(input_ids), ttft, steps, self.buffer.nbytes,
-                              (len(input_ids) + len(tokens)) * per_entry)
+                              (len(input_ids) + len(tokens)) * per_entry, vision_s)

@@ -86,6 +86,11 @@ class OrtEngine:
             except Exception as exc:  # ORT raises its own types for unreadable graphs
                 raise ManifestError(f"{self.folder / name} cannot be loaded by onnxruntime ({exc}): "
                                     "re-run csp-export") from None
+        # Vision and prefill run once a prompt: their activations go back to the system after each run
+        # instead of staying in the session's arena, so the prefill does not sit on the vision graph's
+        # memory and decoding on the prefill's (the price: the next prompt's first touches of fresh pages).
+        self._run_once = ort.RunOptions()
+        self._run_once.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         check_graphs(self.folder, self.manifest, {role: session_io(s) for role, s in self.sessions.items()},
                      {role: s.get_modelmeta().custom_metadata_map.get(STAMP_KEY) for role, s in self.sessions.items()})
         model, plan = self.manifest["model"], self.manifest["plan"]
@@ -115,7 +120,8 @@ class OrtEngine:
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N, 3, H, W] float32 -> [N, T, hidden], run in the graph's static batch."""
         return vision_in_batches(pixel_values, self.image_size, self.vision_batch,
-                                 lambda chunk: self.sessions["vision"].run(None, {"pixel_values": chunk})[0])
+                                 lambda chunk: self.sessions["vision"].run(None, {"pixel_values": chunk},
+                                                                           self._run_once)[0])
 
     def prefill(self, input_ids: np.ndarray, modality: np.ndarray, image_features: np.ndarray | None) -> dict:
         """Pad a prompt of L <= P_max tokens and run prefill; image features are placed at the
@@ -138,7 +144,7 @@ class OrtEngine:
             embeds[0, :length][modality == 1] = image_features
         values = self.sessions["prefill"].run(list(PREFILL_OUTPUTS), {
             "input_ids": ids, "image_embeds": embeds, "modality": mod,
-            "valid_length": np.array([length], np.int64)})
+            "valid_length": np.array([length], np.int64)}, self._run_once)
         return dict(zip(PREFILL_OUTPUTS, values))
 
     # ---- the K/V buffer and decoding ----
