@@ -192,6 +192,29 @@ def test_window_scores_equal_the_probabilities_form(name, params, traced, monkey
     assert (scores[..., -4:] == 0).all()          # padded keys score nothing
 
 
+@pytest.mark.parametrize("name,params", [("snapkv", {}), ("h2o", {}), ("csp", {"n": 1.0})])
+def test_scores_skip_the_padded_key_mask_only_when_the_caller_masked_them(name, params, monkeypatch):
+    """Inside padded_keys_masked() (the exported prefill's scoring) the policies trust the caller's
+    -inf at padded keys: with causal window logits, whose future mask covers every padded key, the
+    scores are the same as with the policies' own mask; given garbage at padded keys, only the
+    policies' own mask keeps them at 0."""
+    from cspkv.pruning.base import padded_keys_masked
+
+    monkeypatch.setattr("cspkv.pruning.base.in_graph_capture", lambda: True)
+    logits, key_mod, query_mod = random_inputs(5, batch=2, heads=2, groups=3, length=40, window=6,
+                                               n_pad=4, n_pad_rows=1)
+    policy = get_policy(name, **params)
+    own = policy.score(logits, key_mod, query_mod)
+    with padded_keys_masked():
+        trusted = policy.score(logits, key_mod, query_mod)
+    torch.testing.assert_close(trusted, own, rtol=0, atol=0)
+    garbage = logits.clone()
+    garbage[..., -4:] = 5.0
+    assert (policy.score(garbage, key_mod, query_mod)[..., -4:] == 0).all()
+    with padded_keys_masked():
+        assert (policy.score(garbage, key_mod, query_mod)[..., -4:] > 0).all()
+
+
 def _text_queries_attend_to_two_image_keys():
     """60 positions: text 0-3, image 4-43, text 44-59. Every query sees the text prefix strongly;
     image queries also attend to early image keys; the window's text queries attend moderately to
