@@ -67,10 +67,10 @@ def window_sum(q, k, key_modality, rows, in_window, scaling, row_sums):
         if totals[0] is not None:
             queries = after(queries, totals[0])
         logits = causal_window_logits(queries, k, part_rows, scaling)
-        for i, row_sum in enumerate(row_sums):
-            with padded_keys_masked():      # the window rows' causal mask covers every padded key
+        with padded_keys_masked():          # the window rows' causal mask covers every padded key
+            for i, row_sum in enumerate(row_sums):
                 part = row_sum(logits, query_modality)
-            totals[i] = part if totals[i] is None else totals[i] + part
+                totals[i] = part if totals[i] is None else totals[i] + part
     return totals
 
 

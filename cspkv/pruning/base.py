@@ -186,11 +186,11 @@ _DIGITS = torch.arange(1, 16)
 
 
 def _digit(masked: torch.Tensor, values: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-    """How many of the increasing candidate ``values`` [..., 15] have at least ``need`` scores >=
-    them: the counts fall as the candidates rise, so this is the next 4-bit digit."""
+    """How many of the increasing candidate ``values`` [..., 15] have at least ``need`` (float32)
+    scores >= them: the counts fall as the candidates rise, so this is the next 4-bit digit."""
     # counted in float32 (exact below 2^24 keys): half the bytes of the int64 a bool sum makes
     counts = (masked[..., None, :] >= values[..., None]).to(torch.float32).sum(-1)   # [..., 15]
-    return (counts >= need.to(torch.float32)).to(torch.int64).sum(-1, keepdim=True)
+    return (counts >= need).to(torch.int64).sum(-1, keepdim=True)
 
 
 def top_k_mask_by_threshold(scores: torch.Tensor, allowed: torch.Tensor, k: IntOrTensor) -> torch.Tensor:
@@ -209,6 +209,7 @@ def top_k_mask_by_threshold(scores: torch.Tensor, allowed: torch.Tensor, k: IntO
     scores = scores.float()
     need = _as_batch(k, scores)                                               # [B, 1|H, 1]
     masked = torch.where(allowed, scores, torch.full_like(scores, float("-inf")))
+    need_count = need.to(torch.float32)                                       # what _digit compares counts with
     table = _POW2.to(scores.device)
     digits = _DIGITS.to(scores.device)
     exponent = torch.zeros((*masked.shape[:-1], 1), dtype=torch.int64, device=scores.device)
@@ -216,13 +217,13 @@ def top_k_mask_by_threshold(scores: torch.Tensor, allowed: torch.Tensor, k: IntO
         candidates = exponent + (digits << shift)                              # [B, H, 15]
         # index_select (one Gather) rather than indexing, whose export leaves the shape dynamic
         values = table.index_select(0, candidates.reshape(-1)).reshape(candidates.shape)
-        exponent = exponent + _digit(masked, values, need) * (1 << shift)
+        exponent = exponent + _digit(masked, values, need_count) * (1 << shift)
     base = table.index_select(0, exponent.reshape(-1)).reshape(exponent.shape)
     unit = torch.where(exponent == 0, torch.full_like(base, 2.0 ** -149), base * 2.0 ** -_MANTISSA_BITS)
     mantissa = torch.zeros_like(base)                                         # an integer < 2^23, exact
     for shift in (20, 16, 12, 8, 4, 0):
         values = base + (mantissa + digits.to(base.dtype) * float(1 << shift)) * unit
-        mantissa = mantissa + _digit(masked, values, need).to(base.dtype) * float(1 << shift)
+        mantissa = mantissa + _digit(masked, values, need_count).to(base.dtype) * float(1 << shift)
     threshold = base + mantissa * unit
     above = masked > threshold
     ties = masked == threshold
