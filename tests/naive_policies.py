@@ -22,10 +22,12 @@ def naive_n_softmax(row, n):
     return [math.exp(x - log_denom) if x != float("-inf") else 0.0 for x in row]
 
 
-def windows(n_valid, window_ratio=0.1, recent_ratio=1.0, n_keep=None):
+def windows(n_valid, window_ratio=0.1, recent_ratio=1.0, n_keep=None, recent_cap=None):
     w = max(1, math.floor(window_ratio * n_valid))
     r = math.floor(recent_ratio * w)
-    return w, min(r, n_keep) if n_keep is not None else r
+    if n_keep is not None:
+        r = min(r, n_keep if recent_cap is None else math.floor(recent_cap * n_keep))
+    return w, r
 
 
 def top(scores, allowed, k):
@@ -51,7 +53,7 @@ def naive_select(name, logits, key_mod, query_mod, n_keep, **p):
     query_mod = [int(x) for x in query_mod]
     length = len(key_mod)
     n_valid = sum(1 for m in key_mod if m >= 0)
-    _, r = windows(n_valid, p.get("window_ratio", 0.1), p.get("recent_ratio", 1.0), n_keep)
+    _, r = windows(n_valid, p.get("window_ratio", 0.1), p.get("recent_ratio", 1.0), n_keep, p.get("recent_cap"))
     recent = list(range(n_valid - r, n_valid))
     cand = list(range(0, n_valid - r))
     k = n_keep - r

@@ -369,3 +369,72 @@ def test_exported_selection_equals_the_stable_sort_without_top_k(tmp_path):
         expected = _sorted_top_k(scores, allowed, k)
         assert (keep == expected.numpy()).all()
         assert (order == mask_to_indices(expected.expand(2, 3, -1), length).numpy()).all()
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "lookm", "csp", "streaming_llm"])
+@pytest.mark.parametrize("cap", [0.0, 0.25, 0.5, 1.0])
+def test_recent_cap_agrees_with_naive(name, cap):
+    # W = floor(0.5 * 45) = 22 recent keys by beta alone: above every capped share of C = 20
+    logits, key_mod, query_mod = random_inputs(7, batch=2, heads=2, groups=2, length=50, window=22, n_pad=5)
+    params = {**POLICY_PARAMS[name], "window_ratio": 0.5, "recent_cap": cap}
+    kept = get_policy(name, **params).select(logits, key_mod, query_mod, 20)
+    for b in range(2):
+        for h in range(2):
+            assert kept[b, h].tolist() == naive_select(name, logits[b, h], key_mod[b], query_mod[b], 20, head=h,
+                                                       **params), (name, cap, b, h)
+
+
+def test_recent_cap_leaves_room_to_select_at_budget_0_1():
+    """At budget 0.1 the default recent window (beta x W = 0.1 L) is the whole budget, so every
+    window policy keeps the same last C keys; capped at half of C, half is chosen by score."""
+    length = 400
+    logits, key_mod, query_mod = random_inputs(3, heads=2, groups=2, length=length, window=40)
+    n_keep = keep_count(0.1, length)                                     # 40 = W
+    recent_only = list(range(length - n_keep, length))
+    for name in ("csp", "snapkv", "h2o"):
+        policy = get_policy(name)
+        assert policy.recent_window(length, n_keep) == n_keep
+        assert get_policy(name).select(logits, key_mod, query_mod, n_keep)[0, 0].tolist() == recent_only
+        capped = get_policy(name, recent_cap=0.5)
+        assert capped.recent_window(length, n_keep) == 20
+        assert int(capped.recent_window(torch.tensor([length]), torch.tensor([n_keep]))[0]) == 20  # the graphs' form
+        kept = capped.select(logits, key_mod, query_mod, n_keep)[0, 0].tolist()
+        assert kept[-20:] == recent_only[-20:] and all(k < length - 20 for k in kept[:20])
+    csp = get_policy("csp", recent_cap=0.5).select(logits, key_mod, query_mod, n_keep)
+    snap = get_policy("snapkv", recent_cap=0.5).select(logits, key_mod, query_mod, n_keep)
+    assert not torch.equal(csp, snap)                                    # the selections now differ
+
+
+@pytest.mark.parametrize("cap", [-0.1, 1.5, True, "half"])
+def test_recent_cap_out_of_range_is_refused_by_name(cap):
+    with pytest.raises(ValueError, match="recent_cap must be a share of the budget"):
+        get_policy("csp", recent_cap=cap)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("n_keep,n_layers", [(7, 2), (40, 5), (550, 30), (3, 30)])
+def test_layer_budgets_keep_the_same_total_with_more_in_early_layers(slope, n_keep, n_layers):
+    policy = get_policy("snapkv", pyramid=slope)
+    counts = policy.layer_keep_counts(n_keep, n_layers)
+    assert len(counts) == n_layers and min(counts) >= 1
+    # falling from layer to layer, up to the one entry the cumulative rounding may move
+    assert all(later <= earlier + 1 for earlier, later in zip(counts, counts[1:]))
+    assert counts[0] >= counts[-1]
+    if slope == 0.0:
+        assert counts == [n_keep] * n_layers
+    if (1 - slope) * n_keep >= 1:                            # nothing clamped up to one entry
+        assert sum(counts) == n_layers * n_keep
+        assert abs(counts[0] - (1 + slope) * n_keep) <= 1 + slope * n_keep / max(n_layers - 1, 1)
+    graph_form = policy.layer_keep_counts(torch.tensor([n_keep]), n_layers)          # [layers, 1]
+    assert graph_form[:, 0].tolist() == counts
+
+
+def test_layer_budgets_are_clamped_to_the_prompt_and_validated():
+    policy = get_policy("csp", pyramid=0.5)
+    assert policy.layer_keep_counts(100, 4) == [150, 116, 84, 50]                 # 1.5 C down to 0.5 C
+    assert policy.layer_keep_counts(100, 4, n_valid=120) == [120, 116, 84, 50]   # never past the prompt
+    clamped = policy.layer_keep_counts(torch.tensor([100]), 4, n_valid=torch.tensor([120]))
+    assert clamped[:, 0].tolist() == [120, 116, 84, 50]
+    for slope in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match=r"pyramid \(the layer budgets' slope\) must be in \[0, 1\)"):
+            get_policy("csp", pyramid=slope)

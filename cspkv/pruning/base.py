@@ -266,20 +266,29 @@ class PruningPolicy:
     # several such policies over the same rows may compute it once and share it.
     score_is_window_attention = False
 
-    def __init__(self, window_ratio: float = 0.1, recent_ratio: float = 1.0):
+    def __init__(self, window_ratio: float = 0.1, recent_ratio: float = 1.0, recent_cap: float | None = None,
+                 pyramid: float = 0.0):
         if not (0.0 < window_ratio <= 1.0):
             raise ValueError(f"window_ratio must be in (0, 1], got {window_ratio!r}")
         if recent_ratio < 0:
             raise ValueError(f"recent_ratio (beta) must be >= 0, got {recent_ratio!r}")
+        if recent_cap is not None and (isinstance(recent_cap, bool) or not isinstance(recent_cap, (int, float))
+                                       or not 0.0 <= recent_cap <= 1.0):
+            raise ValueError(f"recent_cap must be a share of the budget in [0, 1] (or None), got {recent_cap!r}")
         self.window_ratio = float(window_ratio)
         self.recent_ratio = float(recent_ratio)
+        if isinstance(pyramid, bool) or not isinstance(pyramid, (int, float)) or not 0.0 <= pyramid < 1.0:
+            raise ValueError(f"pyramid (the layer budgets' slope) must be in [0, 1), got {pyramid!r}")
+        self.recent_cap = None if recent_cap is None else float(recent_cap)
+        self.pyramid = float(pyramid)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({params})"
 
     def params(self) -> dict:
-        return {"window_ratio": self.window_ratio, "recent_ratio": self.recent_ratio}
+        return {"window_ratio": self.window_ratio, "recent_ratio": self.recent_ratio, "recent_cap": self.recent_cap,
+                "pyramid": self.pyramid}
 
     # --- window sizes -------------------------------------------------------------------------
     def observation_window(self, n_valid: IntOrTensor) -> IntOrTensor:
@@ -292,11 +301,43 @@ class PruningPolicy:
         return self.observation_window(n_valid)
 
     def recent_window(self, n_valid: IntOrTensor, n_keep: IntOrTensor) -> IntOrTensor:
-        """R = floor(beta * W) most recent keys, always kept; the budget wins if C < R."""
+        """R = floor(beta * W) most recent keys, always kept; the budget wins if C < R.
+
+        With ``recent_cap`` = s, R is at most floor(s * C): the window then leaves C - R slots to
+        select even where beta * W reaches the whole budget (budget 0.1 with W = 0.1 L)."""
         r = floor_ratio(self.recent_ratio, self.observation_window(n_valid))
-        if isinstance(r, torch.Tensor) or isinstance(n_keep, torch.Tensor):
-            return torch.minimum(torch.as_tensor(r), torch.as_tensor(n_keep))
-        return min(r, n_keep)
+        limit = n_keep if self.recent_cap is None else floor_ratio(self.recent_cap, n_keep)
+        if isinstance(r, torch.Tensor) or isinstance(limit, torch.Tensor):
+            return torch.minimum(torch.as_tensor(r), torch.as_tensor(limit))
+        return min(r, limit)
+
+    def score_identity(self):
+        """What ``score``'s output depends on besides its inputs, for policies whose scores a caller
+        may share (CSP at several rho); None: not shared."""
+        return None
+
+    def layer_keep_counts(self, n_keep: IntOrTensor, n_layers: int, n_valid: IntOrTensor | None = None):
+        """Entries kept in each layer: C everywhere, or with ``pyramid`` = s > 0 a linear slope from
+        (1 + s) C in the first layer to (1 - s) C in the last (PyramidKV's shape), the same total
+        L x C. Each layer keeps floor(C W_(l+1)) - floor(C W_l) for the cumulative shares W, so
+        the counts sum to exactly n_layers x C; each is then clamped to [1, n_valid] (a budget above
+        1 / (1 + s) keeps less in all). A list of ints, or an int64 tensor [n_layers, *C.shape]."""
+        if self.pyramid == 0.0:
+            return [n_keep] * n_layers if not isinstance(n_keep, torch.Tensor) else n_keep.expand(n_layers, *n_keep.shape)
+        steps = max(n_layers - 1, 1)
+        shares = [1.0 + self.pyramid * (1.0 - 2.0 * layer / steps) for layer in range(n_layers)]
+        bounds = [0.0]
+        for share in shares:
+            bounds.append(bounds[-1] + share)
+        bounds[-1] = float(n_layers)                     # exact: the float sum may drift by an ulp
+        if isinstance(n_keep, torch.Tensor):
+            edges = torch.floor(n_keep.to(torch.float64)[None] * torch.tensor(bounds, dtype=torch.float64).reshape(
+                -1, *([1] * n_keep.dim()))).to(torch.int64)
+            counts = torch.clamp(edges[1:] - edges[:-1], min=1)
+            return counts if n_valid is None else torch.minimum(counts, torch.as_tensor(n_valid).to(torch.int64))
+        edges = [math.floor(n_keep * bound) for bound in bounds]
+        counts = [max(1, b - a) for a, b in zip(edges[:-1], edges[1:])]
+        return counts if n_valid is None else [min(c, int(n_valid)) for c in counts]
 
     # --- the two steps ------------------------------------------------------------------------
     def score(self, window_logits: torch.Tensor, key_modality: torch.Tensor,

@@ -34,6 +34,9 @@ class CrossSelfPruning(PruningPolicy):
     def params(self):
         return {**super().params(), "n": self.n, "cross_ratio": self.cross_ratio, "variant": self.variant}
 
+    def score_identity(self):
+        return ("csp", self.n, self.window_ratio)  # rho, beta, the cap and the variant only select
+
     def score(self, window_logits, key_modality, query_modality):
         """Channels: 0 = S_self (query and key of the same modality), 1 = S_cross.
 
