@@ -194,6 +194,30 @@ def test_kept_entries_per_layer_follow_the_budget(model):
     assert all(d <= c for d, c in zip(paper.distinct_per_layer, paper.kept_per_layer))
 
 
+@pytest.mark.parametrize("name", ["csp", "snapkv", "lookm", "h2o"])
+def test_layer_budgets_keep_each_layers_count_and_pad_the_rest(model, name):
+    """With layer-adaptive budgets each layer keeps the policy's own selection at its count (the
+    first layer more); the tensors are padded to the widest layer with position -1 and zero K/V."""
+    ids, pixels = multi_image_prompt(4, seed=6)
+    length = ids.shape[1]
+    policy = get_policy(name, pyramid=0.6)
+    reference = LlavaReference(model)
+    prefill = reference.prefill(ids, pixels, {name: policy})
+    pruned = reference.prune(prefill, name, 0.3)
+    counts = pruned.layer_counts
+    assert counts == policy.layer_keep_counts(math.ceil(0.3 * length), 2, n_valid=length)
+    assert counts[0] > counts[1] and sum(counts) == 2 * math.ceil(0.3 * length)
+    assert pruned.n_entries == counts[0] and pruned.kept_entries == math.ceil(0.3 * length)
+    for layer, count in enumerate(counts):
+        expected = policy.indices_from_scores(prefill.scores[name][layer], prefill.modality, count)[0]
+        assert torch.equal(pruned.positions[layer, :, :count], expected.expand(pruned.positions.shape[1], -1))
+        assert bool((pruned.positions[layer, :, count:] == -1).all())
+        assert bool((pruned.keys[layer][:, :, count:] == 0).all()) and bool((pruned.values[layer][:, :, count:] == 0).all())
+    result = generate_from_ids(model, ids, pixels, policy=name, budget=0.3, max_new_tokens=2,
+                               policy_params={"pyramid": 0.6})
+    assert result.kept_per_layer == counts and result.distinct_per_layer == counts
+
+
 def test_lookm_pivot_merge_matches_a_loop():
     g = torch.Generator().manual_seed(1)
     keys, values = torch.randn(1, 2, 12, 4, generator=g), torch.randn(1, 2, 12, 4, generator=g)

@@ -34,6 +34,12 @@ class _Group:
             for layer in range(n_layers):
                 self.kv[layer, 0, row, :, :self.filled] = caches[index].keys[layer][0]
                 self.kv[layer, 1, row, :, :self.filled] = caches[index].values[layer][0]
+        # layer-adaptive budgets: a layer keeping fewer entries than the widest has padding slots
+        self.valid = None
+        if any(caches[index].counts is not None for index in members):
+            slots = torch.arange(self.filled)
+            self.valid = torch.stack([torch.stack([slots < count for count in caches[index].layer_counts])
+                                      for index in members], dim=1)                  # [layers, B, C]
 
     def keep_unfinished(self, finished: list[bool]) -> None:
         """Drop the rows whose cache finished: one copy of the buffer, after which every step
@@ -41,11 +47,15 @@ class _Group:
         rows = [row for row, index in enumerate(self.members) if not finished[index]]
         if len(rows) < len(self.members):
             self.kv = self.kv.index_select(2, torch.tensor(rows, dtype=torch.long))
+            if self.valid is not None:
+                self.valid = self.valid.index_select(1, torch.tensor(rows, dtype=torch.long))
             self.members = [self.members[row] for row in rows]
 
 
-def _attend(q: torch.Tensor, kv: torch.Tensor, filled: int, k: torch.Tensor, v: torch.Tensor, scaling: float):
-    """One query token per row over its ``filled`` cached entries plus itself.
+def _attend(q: torch.Tensor, kv: torch.Tensor, filled: int, k: torch.Tensor, v: torch.Tensor, scaling: float,
+            prompt_valid: torch.Tensor | None = None):
+    """One query token per row over its ``filled`` cached entries plus itself (``prompt_valid``
+    [B, C]: which of the first C entries are real, for layers that keep fewer than C).
 
     q [B, H_q, 1, D]; kv [2, B, H_kv, S, D]; k, v [B, H_kv, 1, D]. Grouped queries are laid out as
     [B, H_kv, G, D] so each matmul reads K/V once per KV head (no broadcast copy per group).
@@ -55,6 +65,9 @@ def _attend(q: torch.Tensor, kv: torch.Tensor, filled: int, k: torch.Tensor, v: 
     grouped = q.reshape(batch, n_kv, n_heads // n_kv, dim)
     keys, values = kv[0, :, :, :filled], kv[1, :, :, :filled]
     cache_logits = grouped @ keys.transpose(-1, -2) * scaling                     # [B, H_kv, G, C]
+    if prompt_valid is not None:
+        mask = torch.nn.functional.pad(prompt_valid, (0, filled - prompt_valid.shape[-1]), value=True)
+        cache_logits = cache_logits.masked_fill(~mask[:, None, None, :], float("-inf"))
     self_logit = (grouped * k).sum(-1, keepdim=True) * scaling                     # [B, H_kv, G, 1]
     probs = torch.softmax(torch.cat([cache_logits, self_logit], dim=-1).float(), dim=-1).to(values.dtype)
     out = probs[..., :filled] @ values + probs[..., filled:] * v                   # [B, H_kv, G, D]
@@ -113,7 +126,8 @@ def decode_batch(reference: LlavaReference, caches: list[PrunedCache], first_tok
                 slot = group.filled + step
                 kv[0, :, :, slot] = k[rows_of, :, 0]
                 kv[1, :, :, slot] = v[rows_of, :, 0]
-                outs.append(_attend(q[rows_of], kv, slot, k[rows_of], v[rows_of], layer.self_attn.scaling))
+                valid = None if group.valid is None else group.valid[index]
+                outs.append(_attend(q[rows_of], kv, slot, k[rows_of], v[rows_of], layer.self_attn.scaling, valid))
             hidden = layer_output(layer, hidden, torch.cat(outs))
         logits = reference.model.lm_head(text_model.norm(hidden))[:, -1].float()
         for row, cache_index in enumerate(order):

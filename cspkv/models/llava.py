@@ -99,14 +99,27 @@ class PrunedCache:
     modality: torch.Tensor         # [layers, H_kv, C]
     mass: torch.Tensor | None      # [layers, H_kv, C] window attention mass (re-score's start)
     prompt_len: int
+    # entries kept per layer where layers keep different numbers (layer-adaptive budgets): each
+    # layer's first counts[l] entries are real, the rest padding (position and modality -1, K/V 0)
+    counts: list[int] | None = None
 
     @property
     def n_entries(self) -> int:
+        """Entries per layer and KV head in the tensors (the most any layer keeps)."""
         return self.positions.shape[-1]
 
+    @property
+    def layer_counts(self) -> list[int]:
+        return list(self.counts) if self.counts is not None else [self.n_entries] * len(self.keys)
+
+    @property
+    def kept_entries(self) -> float:
+        """Mean entries kept per layer and KV head."""
+        return sum(self.layer_counts) / len(self.keys)
+
     def distinct_per_layer(self) -> list[int]:
-        """Distinct kept positions per layer (min over heads): below C only for csp 'paper'."""
-        return [min(len(set(head.tolist())) for head in layer) for layer in self.positions]
+        """Distinct kept positions per layer (min over heads): below the layer's count only for csp 'paper'."""
+        return [min(len({p for p in head.tolist() if p >= 0}) for head in layer) for layer in self.positions]
 
 
 @dataclass
@@ -209,12 +222,18 @@ class LlavaReference:
                     total = value if total is None else total + value
                 return total
 
+            same_scores: dict = {}  # policies that differ only in their selection share one score
             for key, policy in attending.items():
                 def part(start, stop, policy=policy):
                     if policy.score_is_window_attention:  # shared with the other such policies
                         return plain_attention(start, stop, policy.row_additive_score)
                     return chunk_score(policy.score, start, stop, policy.row_additive_score)
-                scores[key][layer] = summed(part, int(policy.scoring_window(length)))
+                identity = policy.score_identity()
+                if identity is None or identity not in same_scores:
+                    scored = summed(part, int(policy.scoring_window(length)))
+                    if identity is not None:
+                        same_scores[identity] = scored
+                scores[key][layer] = same_scores[identity] if identity is not None else scored
             if window_mass:
                 mass[layer] = summed(plain_attention, mass_rows)[:, :, 0] / mass_rows
 
@@ -238,28 +257,33 @@ class LlavaReference:
 
     # --- pruning ------------------------------------------------------------------------------
     def prune(self, prefill: Prefill, policy_key: str, budget: float) -> PrunedCache:
-        """Keep C = ceil(budget * L) entries per layer and KV head with the named policy's scores."""
+        """Keep C = ceil(budget * L) entries per layer and KV head with the named policy's scores
+        (with layer-adaptive budgets, the policy's count per layer: n_layers x C in all)."""
         policy = prefill.policies[policy_key]
         n_keep = keep_count(budget, prefill.length)
         if policy.name == "full" and n_keep != prefill.length:
             raise ValueError("the full cache keeps every entry: use budget 1.0 with policy 'full'")
+        counts = policy.layer_keep_counts(n_keep, self.n_layers, n_valid=prefill.length)
+        widest = max(counts)
         keys, values, positions, modality, mass = [], [], [], [], []
         for layer in range(self.n_layers):
-            kept = self._kept_indices(policy, prefill, layer, n_keep)[0]        # [H_kv, C]
+            kept = self._kept_indices(policy, prefill, layer, counts[layer])[0]  # [H_kv, C_l]
             k_all, v_all = prefill.keys[layer], prefill.values[layer]
             if hasattr(policy, "merge_evicted"):
                 k, v = policy.merge_evicted(k_all, v_all, kept[None], prefill.modality)
             else:
                 index = kept[None, :, :, None].expand(-1, -1, -1, self.head_dim)
                 k, v = k_all.gather(2, index), v_all.gather(2, index)
-            keys.append(k)
-            values.append(v)
-            positions.append(kept)
-            modality.append(prefill.modality[0][kept])
+            pad = widest - counts[layer]           # a layer keeping fewer: padding after its entries
+            keys.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            values.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+            positions.append(torch.nn.functional.pad(kept, (0, pad), value=-1))
+            modality.append(torch.nn.functional.pad(prefill.modality[0][kept], (0, pad), value=PAD))
             if prefill.window_mass is not None:
-                mass.append(prefill.window_mass[layer][0].gather(-1, kept))
+                mass.append(torch.nn.functional.pad(prefill.window_mass[layer][0].gather(-1, kept), (0, pad)))
         return PrunedCache(keys, values, torch.stack(positions), torch.stack(modality),
-                           torch.stack(mass) if mass else None, prefill.length)
+                           torch.stack(mass) if mass else None, prefill.length,
+                           counts=None if len(set(counts)) == 1 else list(counts))
 
     def _kept_indices(self, policy: PruningPolicy, prefill: Prefill, layer: int, n_keep: int):
         key = next(k for k, p in prefill.policies.items() if p is policy)
@@ -295,7 +319,7 @@ class LlavaReference:
                           eviction=RESCORE if eviction == RESCORE else RING,
                           n_recent=n_recent, n_sink=n_sink, null_logit=null_logit)
         table.load_prefill(pruned.positions.numpy(), pruned.modality.numpy(),
-                           np.full((self.n_layers, self.n_kv_heads), pruned.n_entries),
+                           np.repeat(np.array(pruned.layer_counts)[:, None], self.n_kv_heads, axis=1),
                            pruned.prompt_len,
                            # ring and unbounded never read the scores: zeros when the mass was skipped
                            (pruned.mass if pruned.mass is not None else torch.zeros(pruned.positions.shape)).float().numpy())
@@ -346,7 +370,7 @@ def generate_from_ids(model, input_ids: torch.Tensor, pixel_values: torch.Tensor
     result = reference.decode(pruned, first, max_new_tokens, eviction=eviction, decode_slots=decode_slots,
                               decode_n=decode_n, eos_token_id=eos_token_id, **decode_kwargs)
     return GenerationResult(tokens=result.tokens, text=None,
-                            kept_per_layer=[pruned.n_entries] * reference.n_layers,
+                            kept_per_layer=pruned.layer_counts,
                             distinct_per_layer=pruned.distinct_per_layer(),
                             prompt_len=prefill.length, slots=result.slots,
                             logits=[prefill.logits[0]] + result.logits)
