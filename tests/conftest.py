@@ -1,10 +1,12 @@
 """Shared fixtures: small LLaVA models and their exports, built once per test session."""
 
 import contextlib
+import re
 
 import pytest
 
 from cspkv.export.exporter import ExportPlan, export_model
+from cspkv.pruning.spec import parse_policy
 from cspkv.models import static_llama
 from cspkv.models.tiny import tiny_llava
 
@@ -38,8 +40,9 @@ def exports(tmp_path_factory, models):
     def get(arch, policy, budget, decode_n=0.0):
         key = (arch, policy, budget, decode_n)
         if key not in cache:
-            folder = tmp_path_factory.mktemp(f"{arch}-{policy}-{budget}-{decode_n}")
-            plan = ExportPlan.make(models[arch], policy, {}, budget, P_MAX, DECODE_SLOTS, decode_n)
+            spec = parse_policy(policy)                  # a name, or a name with settings
+            folder = tmp_path_factory.mktemp(re.sub(r"[^\w.-]", "_", f"{arch}-{policy}-{budget}-{decode_n}"))
+            plan = ExportPlan.make(models[arch], spec.name, spec.policy.params(), budget, P_MAX, DECODE_SLOTS, decode_n)
             with prefill_blocks():
                 export_model(models[arch], folder, plan, f"tiny-{arch}", force=True)
             cache[key] = folder

@@ -20,6 +20,7 @@ from cspkv.export.readiness import check_export
 from cspkv.models.llava import LlavaReference
 from cspkv.models.tiny import multi_image_prompt, tiny_llava
 from cspkv.pruning import get_policy
+from cspkv.pruning.spec import parse_policy
 from cspkv.engines.onnx_runtime import OnnxPipeline
 
 from conftest import DECODE_SLOTS, P_MAX
@@ -27,11 +28,15 @@ from conftest import DECODE_SLOTS, P_MAX
 NEW_TOKENS = 32
 CASES = [("gqa", policy, budget) for policy in ("csp", "snapkv", "streaming_llm") for budget in (1.0, 0.5, 0.2)]
 CASES += [("mha", "csp", budget) for budget in (1.0, 0.5, 0.2)]
+# the recent window capped below beta x W, and layer-adaptive budgets (the tiny model's 2 layers keep
+# 1.5 C and 0.5 C): both settings of every window policy, here through CSP
+CASES += [("gqa", "csp(recent_cap=0.25)", 0.2), ("gqa", "csp(pyramid=0.5)", 0.5)]
 
 
 def reference_run(model, policy, budget, ids, pixels, n_slots, new_tokens=NEW_TOKENS, eviction="ring", decode_n=0.0):
     ref = LlavaReference(model)
-    prefill = ref.prefill(ids, pixels, {policy: get_policy(policy)})
+    spec = parse_policy(policy)
+    prefill = ref.prefill(ids, pixels, {policy: spec.policy})
     pruned = ref.prune(prefill, policy, budget)
     # the export's S slots are shared: a shorter prompt leaves S - C slots for generated tokens
     null = 1 if decode_n > 0 else 0
@@ -50,7 +55,9 @@ def test_onnx_runtime_matches_the_reference(models, exports, arch, policy, budge
         assert ids.shape[1] < P_MAX
         result = pipeline.generate(ids[0].numpy(), pixels.numpy(), max_new_tokens=NEW_TOKENS)
         pruned, ref_logits, ref_tokens = reference_run(model, policy, budget, ids, pixels, engine.n_slots)
-        assert result.kept.shape[-1] == math.ceil(budget * ids.shape[1])
+        counts = pruned.layer_counts
+        assert sum(counts) == len(counts) * math.ceil(budget * ids.shape[1])
+        assert result.kept.shape[-1] == max(counts)
         np.testing.assert_array_equal(result.kept, pruned.positions.numpy())
         worst = max(float(np.abs(a - b).max()) for a, b in zip(result.logits, ref_logits))
         assert worst < 1e-4, (n_images, worst)

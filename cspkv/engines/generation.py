@@ -41,7 +41,7 @@ MIB = 1024 * 1024
 class PipelineResult:
     tokens: list[int]
     logits: list[np.ndarray]
-    kept: np.ndarray                  # [layers, kv_heads, C] kept prompt positions
+    kept: np.ndarray                  # [layers, kv_heads, C] kept prompt positions (-1: a layer keeping fewer)
     prompt_len: int
     ttft_s: float
     step_s: list[float] = field(default_factory=list)
@@ -153,7 +153,8 @@ class Pipeline:
         except NonFiniteError as exc:
             raise ValueError(f"the prefill graph's K/V hold a NaN or infinity ({exc.detail}): its numbers "
                              "overflowed; run the fp32 export") from None
-        return out["logits"][0], out["slot_position"][:, :, : int(n_valid.min())], vision_s
+        # layers keeping fewer than the widest (layer-adaptive budgets) show -1 past their count
+        return out["logits"][0], out["slot_position"][:, :, : int(n_valid.max())], vision_s
 
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32,
                  eos_token_id: int | None = None, on_token: Callable[[int], None] | None = None,

@@ -57,11 +57,12 @@ class ExportPlan:
     max_prompt: int
     decode_slots: int
     decode_n: float
-    max_keep: int          # C_max = ceil(budget * P_max)
+    max_keep: int          # C_max = ceil(budget * P_max), the widest layer's with layer-adaptive budgets
     n_slots: int           # S = C_max + G (+1 n-softmax null slot)
     vision_batch: int
     image_size: int
     image_tokens: int
+    layer_keep: list | None = None   # entries each layer keeps at P_max (the policy's layer budgets)
 
     @classmethod
     def make(cls, model, policy: str, policy_params: dict | None, budget: float, max_prompt: int,
@@ -88,12 +89,14 @@ class ExportPlan:
                               f"model's context of {context} positions: lower them")
         if decode_n < 0:
             raise ExportError(f"--n-decode must be >= 0, got {decode_n}")
-        max_keep = keep_count(budget, max_prompt)
+        layer_keep = [int(c) for c in pruning.layer_keep_counts(
+            keep_count(budget, max_prompt), model.config.text_config.num_hidden_layers, n_valid=max_prompt)]
+        max_keep = max(layer_keep)
         n_slots = max_keep + decode_slots + (1 if null_slot_logit(decode_n) is not None else 0)
         vision = model.config.vision_config
         image_tokens = _image_tokens(model)
         return cls(policy, pruning.params(), budget, max_prompt, decode_slots, decode_n, max_keep,
-                   n_slots, vision_batch, vision.image_size, image_tokens)
+                   n_slots, vision_batch, vision.image_size, image_tokens, layer_keep)
 
 
 def _image_tokens(model) -> int:

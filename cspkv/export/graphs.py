@@ -83,7 +83,9 @@ class PrefillGraph(nn.Module):
         self.budget = budget
         self.max_prompt = max_prompt
         self.shape = DecoderShape(self.text.config)
-        self.max_keep = keep_count(budget, max_prompt)
+        # the widest layer's count (layer-adaptive budgets keep more in some layers)
+        self.max_keep = max(int(c) for c in policy.layer_keep_counts(
+            keep_count(budget, max_prompt), self.shape.n_layers, n_valid=max_prompt))
         if n_slots < self.max_keep:
             raise ValueError(f"n_slots ({n_slots}) is below the prompt entries kept ({self.max_keep})")
         self.n_slots = n_slots
@@ -100,8 +102,9 @@ class PrefillGraph(nn.Module):
         positions = torch.arange(self.max_prompt, dtype=torch.int64)
         key_modality = torch.where(positions[None] < valid_length, modality, torch.full_like(modality, PAD))
         n_keep = keep_count(self.budget, valid_length)                                # [1]
+        layer_keep = self.policy.layer_keep_counts(n_keep, self.shape.n_layers, n_valid=valid_length)  # [layers, 1]
         slot_index = torch.arange(self.max_keep, dtype=torch.int64)
-        slot_valid = slot_index < n_keep                                              # [C_max]
+        slot_valid = slot_index[None, None, :] < layer_keep[:, :, None]               # [layers, 1, C_max]
         score_rows, score_in = window_rows(valid_length, self.policy.scoring_window(valid_length),
                                            self.max_score_rows)
         mass_needed = torch.clamp(floor_ratio(MASS_WINDOW_RATIO, valid_length), min=1)
@@ -143,8 +146,8 @@ class PrefillGraph(nn.Module):
         # layer's worth of graph nodes; the price is holding every layer's K/V until here.
         layers = len(outputs)
         scores = torch.cat([o[2] for o in outputs])                                   # [layers, H, S, P]
-        kept = self.policy.kept_indices(scores, key_modality.expand(layers, -1), n_keep, self.max_keep,
-                                        self.shape.n_kv_heads)                        # [layers, H, C]
+        kept = self.policy.kept_indices(scores, key_modality.expand(layers, -1), layer_keep.reshape(-1),
+                                        self.max_keep, self.shape.n_kv_heads)         # [layers, H, C]
         pad = self.n_slots - self.max_keep
         heads, dim = self.shape.n_kv_heads, self.shape.head_dim
         head_rows = torch.arange(heads, dtype=torch.int64)[:, None] * self.max_prompt           # [H, 1]
@@ -155,12 +158,12 @@ class PrefillGraph(nn.Module):
             rows = (kept[index] + head_rows).reshape(-1)
             pair = torch.stack([x.reshape(heads * self.max_prompt, dim).index_select(0, rows).reshape(1, heads, -1, dim)
                                 for x in (k, v)])                                     # [2, 1, H, C, D]
-            layer_kv.append(nn.functional.pad(pair * slot_valid[:, None].to(pair.dtype), (0, 0, 0, pad)))
+            layer_kv.append(nn.functional.pad(pair * slot_valid[index, 0][:, None].to(pair.dtype), (0, 0, 0, pad)))
         kv = torch.stack(layer_kv)                                                    # [layers, 2, 1, H, S, D]
         slot_position = nn.functional.pad(torch.where(slot_valid, kept, -1), (0, pad), value=-1)
         kept_modality = key_modality[0][kept]
         slot_modality = nn.functional.pad(torch.where(slot_valid, kept_modality, -1), (0, pad), value=-1)
-        valid = slot_valid.to(torch.int64).expand_as(kept)
+        valid = slot_valid.to(torch.int64).expand_as(kept).contiguous()
         slot_valid_out = nn.functional.pad(valid, (0, pad), value=0)
         mass = torch.stack([o[3] for o in outputs]).gather(2, kept) * slot_valid.to(torch.float32)
         slot_mass = nn.functional.pad(mass, (0, pad))

@@ -108,6 +108,25 @@ def _inside(folder: Path, name, what: str, fields: _Fields) -> Path:
     return folder / name
 
 
+def _check_layer_keep(f, uniform: int, max_prompt: int) -> int:
+    """plan.max_keep, checked: ceil(budget * max_prompt) in every layer, or with layer-adaptive
+    budgets (policy_params.pyramid > 0) the widest of plan.layer_keep, whose counts add up to no
+    more than layers x ceil(budget * max_prompt)."""
+    pyramid = f.get("plan.policy_params").get("pyramid", 0.0)
+    if not pyramid:
+        f.expect("plan.max_keep", f.get("plan.max_keep"), uniform, "ceil(plan.budget * plan.max_prompt)")
+        return uniform
+    layers, layer_keep = f.get("model.layers"), f.get("plan.layer_keep")
+    if (not isinstance(layer_keep, list) or len(layer_keep) != layers
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= max_prompt for c in layer_keep)):
+        raise f.fail(f"plan.layer_keep must list {layers} entry counts in [1, {max_prompt}], one per layer")
+    if sum(layer_keep) > layers * uniform:
+        raise f.fail(f"plan.layer_keep keeps {sum(layer_keep)} entries, more than {layers} layers x "
+                     f"ceil(plan.budget * plan.max_prompt) = {layers * uniform}")
+    f.expect("plan.max_keep", f.get("plan.max_keep"), max(layer_keep), "max(plan.layer_keep)")
+    return max(layer_keep)
+
+
 def _check_fields(manifest: dict, folder: Path, path: Path) -> None:
     f = _Fields(manifest, path)
     f.integer("model.layers")
@@ -126,10 +145,10 @@ def _check_fields(manifest: dict, folder: Path, path: Path) -> None:
     max_prompt = f.integer("plan.max_prompt", 2)
     decode_slots = f.integer("plan.decode_slots")
     decode_n = f.number("plan.decode_n", 0.0, math.inf)
-    f.expect("plan.max_keep", f.get("plan.max_keep"), math.ceil(budget * max_prompt),
-             "ceil(plan.budget * plan.max_prompt)")
+    uniform = math.ceil(budget * max_prompt)
+    max_keep = _check_layer_keep(f, uniform, max_prompt)
     null_slot = decode_n > 0
-    f.expect("plan.n_slots", f.get("plan.n_slots"), math.ceil(budget * max_prompt) + decode_slots + null_slot,
+    f.expect("plan.n_slots", f.get("plan.n_slots"), max_keep + decode_slots + null_slot,
              "plan.max_keep + plan.decode_slots" + (" + 1 null slot" if null_slot else ""))
     for name in ("plan.vision_batch", "plan.image_size", "plan.image_tokens"):
         f.integer(name)
