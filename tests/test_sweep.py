@@ -204,7 +204,9 @@ def test_milebench_items_skip_bad_samples_and_score_with_milebench_rules(tmp_pat
 
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "juggling"], "juggling"),
-    (["--policies", "csp,magic"], "unknown policies ['magic']"),
+    (["--policies", "csp,magic"], "unknown policy 'magic'"),
+    (["--policies", "csp(cross_ratio=2)"], "cross_ratio (rho) must be in [0, 1]"),
+    (["--split", "val"], "'val' is not one of 'test', 'dev'"),
     (["--budgets", "0.5,1.5"], "budget must be a number in (0, 1]"),
     (["--milebench", "/nonexistent/milebench"], "does not exist"),
 ])
@@ -238,3 +240,28 @@ def test_identical_pruned_caches_reuse_one_decode(monkeypatch):
     prefill = reference.prefill(item.build_inputs(False)["input_ids"], item.build_inputs(False)["pixel_values"], pruning)
     whole, half = reference.prune(prefill, "csp", 1.0), reference.prune(prefill, "csp", 0.5)
     assert sweep.same_cache(whole, reference.prune(prefill, "full", 1.0)) and not sweep.same_cache(whole, half)
+
+
+def test_policy_specs_share_one_prefill_skip_the_blanked_prompt_and_decode_the_null_slot(prefill_calls):
+    """Settings of one policy are cells of one sweep; ``decode_n`` cells decode with the n-softmax
+    null slot, exactly as the reference decoder does; ``blank=False`` runs no blanked prompt."""
+    model = tiny_llava(seed=2)
+    item = _prompt_item("t1", 1, 3, lambda reply: 1.0, "A")
+    policies = ["csp", "csp(recent_cap=0.25)", "csp(decode_n=1)"]
+    result = sweep.run_sweep(model, DigitTokenizer(), [item], policies, [0.2], max_new_tokens=6, blank=False)
+    assert len(prefill_calls) == 1
+    assert set(result["scores"]["t1"]) == {"csp", "csp(recent_cap=0.25)", "csp(decode_n=1.0)"}
+    assert result["baselines"]["t1"]["blank_images"] is None
+    assert "images blanked –" in sweep.markdown_table(result, [0.2], list(result["scores"]["t1"]))
+    reference = LlavaReference(model)
+    pruning, decode_n = sweep.policy_specs(policies)
+    record = sweep.evaluate_item(reference, DigitTokenizer(), item, pruning, [0.2], 6, decode_n=decode_n, blank=False)
+    assert record["blank_reply"] is None and record["blank_score"] is None
+    inputs = item.build_inputs(False)
+    prefill = reference.prefill(inputs["input_ids"], inputs["pixel_values"], pruning)
+    first = int(prefill.logits[0].argmax())
+    for key, null in (("csp", 0.0), ("csp(decode_n=1.0)", 1.0), ("csp(recent_cap=0.25)", 0.0)):
+        tokens = reference.decode(reference.prune(prefill, key, 0.2), first, 6, decode_n=null).tokens
+        assert record["cells"][key]["0.2"]["reply"] == " ".join(map(str, tokens)), key
+    capped, plain = reference.prune(prefill, "csp(recent_cap=0.25)", 0.2), reference.prune(prefill, "csp", 0.2)
+    assert not sweep.same_cache(capped, plain)

@@ -9,10 +9,14 @@ import click
 @click.option("--policies", default="full,random,streaming_llm,h2o,snapkv,lookm,csp", show_default=True)
 @click.option("--budgets", default="1.0,0.5,0.2,0.1", show_default=True)
 @click.option("--limit", type=int, default=200, show_default=True, help="Prompts per task.")
+@click.option("--split", type=click.Choice(["test", "dev"]), default="test", show_default=True,
+              help="easy-vqa prompts: the test set, or the development split over train-split images (for tuning).")
 @click.option("--max-new-tokens", type=int, default=112, show_default=True,
               help="Reply length cap; the default model's worked replies (16-image counting) reach ~110 tokens.")
 @click.option("--milebench", type=click.Path(exists=True, file_okay=False), default=None,
               help="A MileBench data folder (official layout): evaluate its tasks instead of easy-vqa's.")
+@click.option("--blank/--no-blank", default=True, show_default=True,
+              help="Also run each prompt with its images blanked (the no-image baseline); tuning runs skip it.")
 @click.option("--out", type=click.Path(), default="results", show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Append each prompt's result to OUT/eval_records.jsonl and skip prompts already recorded "
@@ -28,7 +32,7 @@ import click
 @click.option("--threads-per-worker", type=int, default=None,
               help="Torch/OpenMP threads of each Ray worker (and the CPUs it claims).  [default: 1]")
 @click.pass_context
-def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench, out, resume, minutes, workers,
+def main(ctx, model, tasks, policies, budgets, limit, split, max_new_tokens, milebench, blank, out, resume, minutes, workers,
          address, threads_per_worker):
     """Evaluate pruning policies against budgets; `csp-eval score` scores MileBench predictions."""
     if ctx.invoked_subcommand is not None:
@@ -43,11 +47,12 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
     from cspkv.heap import keep_freed_heap
     from cspkv.models.registry import ModelNotFound, load_model
     from cspkv.pruning import available_policies, check_budget
+    from cspkv.pruning.spec import split_specs
 
-    policy_list = [p for p in policies.split(",") if p]
-    unknown = [p for p in policy_list if p not in available_policies()]
-    if unknown:
-        raise click.UsageError(f"unknown policies {unknown}; choose from {', '.join(available_policies())}")
+    try:
+        policy_list = list(sweep.policy_specs(split_specs(policies))[0])  # keys: settings in a fixed order
+    except ValueError as exc:
+        raise click.UsageError(f"--policies: {exc} (policies: {', '.join(available_policies())})") from None
     try:
         budget_list = [float(b) for b in budgets.split(",") if b]
         for budget in budget_list:
@@ -71,7 +76,7 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
         if processor is None:
             raise click.ClickException(f"--model {model} has no processor: evaluate a real model")
         if milebench is None:
-            items = sweep.easyvqa_items(task_list, processor, limit)
+            items = sweep.easyvqa_items(task_list, processor, limit, split)
         else:
             items = sweep.milebench_items(milebench, task_list, processor, limit, errors)
     except (ValueError, ModelNotFound) as exc:  # unknown task, missing data or model
@@ -97,14 +102,14 @@ def main(ctx, model, tasks, policies, budgets, limit, max_new_tokens, milebench,
                     partial(dist.load_named_model, model_id), fingerprint, items, policy_list, budget_list,
                     max_new_tokens, workers=workers or 1, address=address, threads_per_worker=threads_per_worker or 1,
                     progress=lambda message: bar.update(1), notice=lambda message: click.echo(message, err=True),
-                    records_path=records, minutes=minutes)
+                    records_path=records, minutes=minutes, blank=blank)
             except dist.ClusterError as exc:
                 raise click.ClickException(str(exc)) from None
     else:
         with click.progressbar(length=len(items), label="prompts", file=sys.stderr) as bar:
             result = sweep.run_sweep(net, processor, items, policy_list, budget_list, max_new_tokens,
                                      progress=lambda message: bar.update(1), records_path=records,
-                                     minutes=minutes)
+                                     minutes=minutes, blank=blank)
     result["model"] = model_id
     result["command"] = "csp-eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["skipped"] = errors

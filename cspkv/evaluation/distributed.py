@@ -26,7 +26,8 @@ from collections import Counter, deque
 from typing import Callable
 
 from cspkv.durable import append_line
-from cspkv.evaluation.sweep import EvalItem, aggregate, interleave, make_record, reusable_records, sweep_setting
+from cspkv.evaluation.sweep import (EvalItem, aggregate, interleave, make_record, policy_specs, reusable_records,
+                                    sweep_setting)
 
 MAX_RETRIES = 2
 
@@ -87,14 +88,12 @@ class SweepWorker:
     actor's OMP/MKL variables are set to the same number by the driver)."""
 
     def __init__(self, loader: Callable, rank: int, threads: int, items: list[EvalItem], policies: list[str],
-                 budgets: list[float], max_new_tokens: int):
+                 budgets: list[float], max_new_tokens: int, blank: bool = True):
         import torch
 
         from cspkv.export.manifest import model_fingerprint
         from cspkv.heap import keep_freed_heap
         from cspkv.models.llava import LlavaReference
-        from cspkv.pruning import get_policy
-
         torch.set_num_threads(threads)
         keep_freed_heap()  # as csp-eval's own process: the sweep re-allocates big score buffers every layer
         model, processor = loader(rank)
@@ -102,9 +101,10 @@ class SweepWorker:
         self.items = items
         self.budgets = budgets
         self.max_new_tokens = max_new_tokens
+        self.blank = blank
         self.reference = LlavaReference(model)
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.pruning = {name: get_policy(name) for name in policies}
+        self.pruning, self.decode_n = policy_specs(policies)
         self.setting = sweep_setting(model_fingerprint(model), max_new_tokens)
 
     def identity(self) -> dict:
@@ -115,7 +115,7 @@ class SweepWorker:
 
     def evaluate(self, index: int) -> dict:
         return make_record(self.reference, self.tokenizer, self.items[index], self.pruning, self.budgets,
-                           self.max_new_tokens, self.setting)
+                           self.max_new_tokens, self.setting, self.decode_n, self.blank)
 
 
 def _reason(exc: BaseException) -> str:
@@ -155,7 +155,7 @@ def run_sweep_distributed(loader: Callable, fingerprint: str, items: list[EvalIt
                           threads_per_worker: int = 1, progress: Callable[[str], None] = lambda message: None,
                           notice: Callable[[str], None] = lambda message: None, records_path=None,
                           minutes: float | None = None, max_retries: int = MAX_RETRIES,
-                          start_timeout_s: float = 900.0) -> dict:
+                          start_timeout_s: float = 900.0, blank: bool = True) -> dict:
     """:func:`cspkv.evaluation.sweep.run_sweep` over ``workers`` Ray actors, each loading
     ``loader(rank)`` and holding weights whose ``model_fingerprint`` is ``fingerprint`` (the driver's).
 
@@ -171,7 +171,8 @@ def run_sweep_distributed(loader: Callable, fingerprint: str, items: list[EvalIt
     if workers < 1 or threads_per_worker < 1:
         raise ValueError("workers and threads_per_worker must be at least 1")
     setting = sweep_setting(fingerprint, max_new_tokens)
-    done = reusable_records(records_path, items, policies, budgets, setting)
+    policies = list(policy_specs(policies)[0])  # keys, as the records name them
+    done = reusable_records(records_path, items, policies, budgets, setting, blank)
     order = interleave(items)
     started = time.perf_counter()
     pending: deque[int] = deque()
@@ -185,7 +186,7 @@ def run_sweep_distributed(loader: Callable, fingerprint: str, items: list[EvalIt
     if pending and (minutes is None or minutes > 0):
         failed = _drive(loader, fingerprint, order, policies, budgets, max_new_tokens, pending, done, workers, address,
                         threads_per_worker, progress, notice, records_path, started, minutes, max_retries,
-                        start_timeout_s, timing)
+                        start_timeout_s, timing, blank)
     elif pending:
         progress(f"[{pending[0] + 1}/{len(items)}] time budget of {minutes} min spent: stopping")
     keys = [(item.task, item.sample_id) for item in order]
@@ -198,7 +199,8 @@ def run_sweep_distributed(loader: Callable, fingerprint: str, items: list[EvalIt
 
 
 def _drive(loader, fingerprint, order, policies, budgets, max_new_tokens, pending, done, workers, address, threads,
-           progress, notice, records_path, started, minutes, max_retries, start_timeout_s, timing) -> list[dict]:
+           progress, notice, records_path, started, minutes, max_retries, start_timeout_s, timing,
+           blank=True) -> list[dict]:
     """The driver loop: start the workers, hand out prompts, append records, retry lost prompts."""
     try:
         import ray
@@ -227,7 +229,7 @@ def _drive(loader, fingerprint, order, policies, budgets, max_new_tokens, pendin
         def start():
             rank = next(ranks)
             actor = worker_class.options(**options).remote(loader, rank, threads, items_ref, policies, budgets,
-                                                           max_new_tokens)
+                                                           max_new_tokens, blank)
             actors.append(actor)
             starting[actor.identity.remote()] = (actor, rank)
 

@@ -286,6 +286,24 @@ def test_samples(task: str, n: int = TEST_SAMPLES_PER_TASK) -> list[TaskSample]:
 
 test_samples.__test__ = False  # not a pytest test
 
+# The development split: prompts over train-split images, for choosing settings (rho, n, the recent
+# cap, each baseline's own knobs) without looking at the test prompts. Its seed differs from every
+# training conversation's, whose generators are seeded "conversation:<seed>".
+DEV_SEED = 20261208
+EVAL_SPLITS = ("test", "dev")
+
+
+def dev_samples(task: str, n: int) -> list[TaskSample]:
+    """The first ``n`` development prompts of ``task``: the test set's format on train-split images."""
+    return generate_samples(task, n, split="train", seed=DEV_SEED)
+
+
+def eval_samples(task: str, n: int, split: str = "test") -> list[TaskSample]:
+    """``test_samples`` or ``dev_samples`` by name."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}; use 'test' or 'dev' (train-split images)")
+    return test_samples(task, n) if split == "test" else dev_samples(task, n)
+
 
 def prompt_text(sample: TaskSample) -> str:
     """The user message: images, question, and for multiple choice the lettered options."""

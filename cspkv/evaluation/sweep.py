@@ -27,6 +27,7 @@ from cspkv.models.prompting import load_images
 from cspkv.models.batched_decode import decode_batch
 from cspkv.models.llava import LlavaReference, PrunedCache
 from cspkv.pruning import get_policy
+from cspkv.pruning.spec import parse_policy
 
 FULL = "full"
 
@@ -50,11 +51,11 @@ def prompt_digest(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def easyvqa_items(tasks: list[str], processor, limit: int) -> list[EvalItem]:
-
+def easyvqa_items(tasks: list[str], processor, limit: int, split: str = "test") -> list[EvalItem]:
+    """The first ``limit`` prompts of each task from the test set or the development split."""
     items = []
     for task in tasks:
-        for sample in easyvqa_tasks.test_samples(task, limit):
+        for sample in easyvqa_tasks.eval_samples(task, limit, split):
             def build(blank, sample=sample):
                 images = None
                 if blank:
@@ -111,26 +112,33 @@ def same_cache(a: PrunedCache, b: PrunedCache) -> bool:
 
 
 def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning: dict, budgets: list[float],
-                  max_new_tokens: int, reuse_identical: bool = True, batched: bool = True) -> dict:
+                  max_new_tokens: int, reuse_identical: bool = True, batched: bool = True,
+                  decode_n: dict | None = None, blank: bool = True) -> dict:
     """One prompt's record: every (policy, budget) cell's reply, score and kept fraction, and the
     blanked-image reply (full cache). One full prefill serves every policy and budget.
 
     With ``reuse_identical`` a cell whose pruned cache equals one already planned (every policy at
     budget 1.0 keeps all of it) takes that cache's reply instead of decoding again: decoding is
     greedy and deterministic. With ``batched`` the distinct caches (and the blanked prompt's) are
-    decoded together by ``decode_batch``; otherwise one by one by the reference decoder."""
+    decoded together by ``decode_batch``; otherwise one by one by the reference decoder.
+    ``decode_n`` maps a policy key to its decode-time n-softmax (the null slot): those caches are
+    decoded one by one by the reference decoder, which has the slot. ``blank=False`` skips the
+    blanked-image prompt (its reply and score are then None): tuning runs do not need it."""
     eos = getattr(tokenizer, "eos_token_id", None)
+    decode_n = decode_n or {}
     caches: list[PrunedCache] = []
     firsts: list[int] = []
+    nulls: list[float] = []
 
-    def plan(first: int, pruned) -> int:
+    def plan(first: int, pruned, null: float = 0.0) -> int:
         """Index of the cache whose reply this cell takes (a new one unless an identical exists)."""
         if reuse_identical:
             for index, cache in enumerate(caches):
-                if firsts[index] == first and same_cache(cache, pruned):
+                if firsts[index] == first and nulls[index] == null and same_cache(cache, pruned):
                     return index
         caches.append(pruned)
         firsts.append(first)
+        nulls.append(null)
         return len(caches) - 1
 
     started = time.perf_counter()
@@ -143,25 +151,32 @@ def evaluate_item(reference: LlavaReference, tokenizer, item: EvalItem, pruning:
     for name in pruning:
         for budget in budgets if name != FULL else [1.0]:
             pruned = reference.prune(prefill, name, budget)
-            planned[name, str(budget)] = (plan(first, pruned), pruned.n_entries / length)
-    blanked = item.build_inputs(True)
-    blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"), {FULL: get_policy(FULL)},
-                                      window_mass=False)  # the bare forward
-    blank_index = plan(int(blank_prefill.logits[0].argmax()), reference.prune(blank_prefill, FULL, 1.0))
-    del prefill, blank_prefill  # their full K/V and scores are not needed for decoding
+            planned[name, str(budget)] = (plan(first, pruned, decode_n.get(name, 0.0)), pruned.kept_entries / length)
+    blank_index = None
+    if blank:
+        blanked = item.build_inputs(True)
+        blank_prefill = reference.prefill(blanked["input_ids"], blanked.get("pixel_values"), {FULL: get_policy(FULL)},
+                                          window_mass=False)  # the bare forward
+        blank_index = plan(int(blank_prefill.logits[0].argmax()), reference.prune(blank_prefill, FULL, 1.0))
+        del blank_prefill
+    del prefill  # its full K/V and scores are not needed for decoding
+    plain = [i for i, null in enumerate(nulls) if not null]
+    tokens: list = [None] * len(caches)
     if batched:
-        tokens = decode_batch(reference, caches, firsts, max_new_tokens, eos_token_id=eos)
-    else:
-        tokens = [reference.decode(cache, first, max_new_tokens, eos_token_id=eos).tokens
-                  for cache, first in zip(caches, firsts)]
+        for index, reply in zip(plain, decode_batch(reference, [caches[i] for i in plain], [firsts[i] for i in plain],
+                                                    max_new_tokens, eos_token_id=eos)):
+            tokens[index] = reply
+    for index, (cache, first, null) in enumerate(zip(caches, firsts, nulls)):
+        if tokens[index] is None:
+            tokens[index] = reference.decode(cache, first, max_new_tokens, decode_n=null, eos_token_id=eos).tokens
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     cells = {}
     for (name, budget), (index, kept) in planned.items():
         cells.setdefault(name, {})[budget] = {"reply": texts[index], "score": item.score(texts[index]),
                                               "kept_fraction": kept}
-    blank_text = texts[blank_index]
+    blank_text = texts[blank_index] if blank_index is not None else None
     return {"task": item.task, "sample_id": item.sample_id, "length": length, "cells": cells,
-            "blank_reply": blank_text, "blank_score": item.score(blank_text),
+            "blank_reply": blank_text, "blank_score": item.score(blank_text) if blank_text is not None else None,
             "seconds": round(time.perf_counter() - started, 4)}
 
 
@@ -190,15 +205,17 @@ def aggregate(records: list[dict], items: list[EvalItem], policies: list[str], b
                 total[0] += cell["score"]
                 total[1] += cell["kept_fraction"]
                 total[2] += 1
+        if record.get("blank_score") is None:   # a run without the blanked-image baseline
+            continue
         blank.setdefault(record["task"], []).append(record["blank_score"])
         if FULL in policies:
             gaps.setdefault(record["task"], []).append(record["cells"][FULL]["1.0"]["score"] - record["blank_score"])
     done = {(r["task"], r["sample_id"]) for r in records}
     scores = {task: {name: {budget: {"score": s / n, "kept_fraction": k / n} for budget, (s, k, n) in by_budget.items()}
                      for name, by_budget in by_policy.items()} for task, by_policy in totals.items()}
-    baselines = {task: {"blank_images": sum(values) / len(values),
+    baselines = {task: {"blank_images": sum(blank[task]) / len(blank[task]) if blank.get(task) else None,
                         "majority": majority_score([i for i in items if i.task == task and (i.task, i.sample_id) in done])}
-                 for task, values in blank.items()}
+                 for task in totals}
     for task, values in gaps.items():
         baselines[task]["full_minus_blank_ci95"] = paired_ci95(values)
     return {"scores": scores, "baselines": baselines,
@@ -240,13 +257,16 @@ def sweep_setting(fingerprint: str, max_new_tokens: int) -> dict:
 
 
 def reusable_records(records_path, items: list[EvalItem], policies: list[str], budgets: list[float],
-                     setting: dict) -> dict:
+                     setting: dict, blank: bool = False) -> dict:
     """Records in ``records_path`` that a sweep of ``items`` can reuse, by (task, sample_id): same
-    ``setting``, same ``prompt_key`` and every cell this sweep needs. None: an empty dict."""
+    ``setting``, same ``prompt_key``, every cell this sweep needs (and, with ``blank``, the
+    blanked-image reply). None: an empty dict."""
     if records_path is None:
         return {}
 
     def reusable(record):  # same weights and decoding, and every cell this sweep needs
+        if blank and record.get("blank_score") is None:
+            return False
         return all(record.get(k) == v for k, v in setting.items()) and all(
             str(b) in record["cells"].get(name, {}) for name in policies for b in (budgets if name != FULL else [1.0]))
 
@@ -256,15 +276,22 @@ def reusable_records(records_path, items: list[EvalItem], policies: list[str], b
 
 
 def make_record(reference: LlavaReference, tokenizer, item: EvalItem, pruning: dict, budgets: list[float],
-                max_new_tokens: int, setting: dict) -> dict:
+                max_new_tokens: int, setting: dict, decode_n: dict | None = None, blank: bool = True) -> dict:
     """The line ``eval_records.jsonl`` holds for one prompt: its evaluation, the setting, its prompt key."""
-    return {**evaluate_item(reference, tokenizer, item, pruning, budgets, max_new_tokens), **setting,
-            "prompt_key": item.prompt_key}
+    return {**evaluate_item(reference, tokenizer, item, pruning, budgets, max_new_tokens, decode_n=decode_n,
+                            blank=blank),
+            **setting, "prompt_key": item.prompt_key}
+
+
+def policy_specs(policies: list[str]) -> tuple[dict, dict]:
+    """``({key: policy}, {key: decode_n})`` for policy specs (names, or names with settings)."""
+    specs = [parse_policy(p) for p in policies]
+    return {s.key: s.policy for s in specs}, {s.key: s.decode_n for s in specs if s.decode_n}
 
 
 def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budgets: list[float],
               max_new_tokens: int = 8, progress: Callable[[str], None] = lambda message: None,
-              records_path=None, minutes: float | None = None) -> dict:
+              records_path=None, minutes: float | None = None, blank: bool = True) -> dict:
     """Scores per task, policy and budget (plus kept fractions), and the two baselines.
 
     With ``records_path`` every prompt's record is appended to that JSON-lines file as soon as it
@@ -279,9 +306,10 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
 
     reference = LlavaReference(model)
     tokenizer = getattr(processor, "tokenizer", processor)
-    pruning = {name: get_policy(name) for name in policies}
+    pruning, decode_n = policy_specs(policies)
+    policies = list(pruning)
     setting = sweep_setting(model_fingerprint(model), max_new_tokens)
-    done = reusable_records(records_path, items, policies, budgets, setting)
+    done = reusable_records(records_path, items, policies, budgets, setting, blank)
     started = time.perf_counter()
     for index, item in enumerate(interleave(items)):
         if minutes is not None and time.perf_counter() - started > minutes * 60:
@@ -290,7 +318,7 @@ def run_sweep(model, processor, items: list[EvalItem], policies: list[str], budg
         if (item.task, item.sample_id) in done:
             progress(f"[{index + 1}/{len(items)}] {item.task} {item.sample_id} (recorded earlier)")
             continue
-        record = make_record(reference, tokenizer, item, pruning, budgets, max_new_tokens, setting)
+        record = make_record(reference, tokenizer, item, pruning, budgets, max_new_tokens, setting, decode_n, blank)
         done[(item.task, item.sample_id)] = record
         if records_path is not None:
             append_line(records_path, json.dumps(record))
@@ -310,6 +338,10 @@ def timing_note(result: dict) -> str:
             f"in all ({per_prompt:.1f} s a prompt), summed over the records")
 
 
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def _plus_minus(half_width: float | None) -> str:
     return "" if half_width is None else f" ± {half_width:.3f}"
 
@@ -323,8 +355,10 @@ def overview_table(result: dict, budgets: list[float], policies: list[str]) -> s
         if full is None:
             continue
         lines.append(f"| {task} | {result['question_types'][task]} | {result['prompts_per_task'][task]} | "
-                     f"{full['score']:.3f} | {base['blank_images']:.3f} | {base['majority']:.3f} | "
-                     f"{full['score'] - base['blank_images']:+.3f}{_plus_minus(base.get('full_minus_blank_ci95'))} |")
+                     f"{full['score']:.3f} | {_score(base['blank_images'])} | {base['majority']:.3f} | "
+                     + ("–" if base["blank_images"] is None else
+                        f"{full['score'] - base['blank_images']:+.3f}{_plus_minus(base.get('full_minus_blank_ci95'))}")
+                     + " |")
     lines += ["", "Mean over tasks (kept fraction of the prompt's KV entries in brackets):", "",
               "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for name in policies:
@@ -343,7 +377,7 @@ def markdown_table(result: dict, budgets: list[float], policies: list[str]) -> s
     for task, by_policy in result["scores"].items():
         base = result["baselines"][task]
         lines.append(f"### {task} ({result['question_types'][task]}, {result['prompts_per_task'][task]} prompts; "
-                     f"images blanked {base['blank_images']:.3f}, majority {base['majority']:.3f})\n")
+                     f"images blanked {_score(base['blank_images'])}, majority {base['majority']:.3f})\n")
         lines.append("| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
         for name in policies:
@@ -370,7 +404,8 @@ def plot(result: dict, budgets: list[float], out_dir) -> list[str]:
                 axis.axhline(ys[0], color="black", linestyle="--", label="full cache")
             else:
                 axis.plot(xs, ys, marker="o", label=name)
-        axis.axhline(result["baselines"][task]["blank_images"], color="grey", linestyle=":", label="images blanked")
+        if result["baselines"][task]["blank_images"] is not None:
+            axis.axhline(result["baselines"][task]["blank_images"], color="grey", linestyle=":", label="images blanked")
         axis.set_xlabel("budget (fraction of prompt KV kept)")
         axis.set_ylabel("score")
         axis.set_title(task)
