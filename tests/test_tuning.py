@@ -92,3 +92,37 @@ def test_the_grid_gives_every_tuned_policy_the_same_number_of_trials_and_parses(
         assert specs[0] == family                                             # defaults first
         assert len(set(specs)) == len(specs)
     assert split_specs(tuning.grid_policies())[0] == "full"
+
+
+def test_the_test_run_takes_each_chosen_setting_and_csp_with_the_null_slot():
+    choice = {"families": {"csp": {"chosen": "csp(cross_ratio=0.25,recent_cap=0.5)"}, "snapkv": {"chosen": "snapkv"},
+                           "lookm": {"chosen": "lookm(recent_cap=0.5)"}}}
+    assert tuning.policies_for_test_run(choice) == ("csp(cross_ratio=0.25,recent_cap=0.5),lookm(recent_cap=0.5),"
+                                                    "csp(cross_ratio=0.25,decode_n=1.0,recent_cap=0.5)")
+    choice["families"]["csp"]["chosen"] = "csp"
+    assert tuning.policies_for_test_run(choice).split(",")[-1] == "csp(decode_n=1.0)"
+
+
+def _write(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_records_of_one_prompt_from_two_runs_merge_and_pair(tmp_path):
+    from cspkv.evaluation.paired import merge_records, paired
+
+    base = {"model": "w", "max_new_tokens": 8, "prompt_key": "k"}
+    first = [{**base, "task": "t", "sample_id": str(i), "cells": {"csp": {"0.2": {"score": float(i % 2)}}}}
+             for i in range(4)]
+    second = [{**base, "task": "t", "sample_id": str(i), "cells": {"csp(recent_cap=0.5)": {"0.2": {"score": 1.0}}}}
+              for i in range(3)]
+    records = merge_records([_write(tmp_path / "a.jsonl", first), _write(tmp_path / "b.jsonl", second)])
+    assert len(records) == 4 and set(records[0]["cells"]) == {"csp", "csp(recent_cap=0.5)"}
+    result = paired(records, "csp(recent_cap=0.5)", "csp", "0.2")
+    assert result["prompts"] == 3 and result["won"] == 2 and result["tied"] == 1 and result["mean"] == pytest.approx(2 / 3)
+    assert paired(records, "csp", "csp(recent_cap=0.5)", "0.1") is None
+    other = [{**second[0], "prompt_key": "changed"}]
+    with pytest.raises(ValueError, match="recorded with different prompt_key"):
+        merge_records([tmp_path / "a.jsonl", _write(tmp_path / "c.jsonl", other)])

@@ -95,3 +95,14 @@ def choice_table(choice: dict) -> str:
         lines += ["", "CSP's best setting per task (the paper's per-task tuning): "
                   + "; ".join(f"{task}: {key}" for task, key in choice["csp_per_task"].items())]
     return "\n".join(lines) + "\n"
+
+
+def policies_for_test_run(choice: dict) -> str:
+    """The test run's rows: each family's chosen setting, and CSP's with the decode-time null slot
+    (csp-eval --policies; the untuned defaults are the committed sweep's cells)."""
+    chosen = [found["chosen"] for found in choice["families"].values()]
+    rows = [key for key in chosen if key != parse_policy(key).name]  # a default: already in the sweep
+    csp = choice["families"]["csp"]["chosen"]
+    spec = parse_policy(csp)
+    nulled = f"{spec.name}({csp[len(spec.name) + 1:-1] + ',' if csp != spec.name else ''}decode_n=1)"
+    return ",".join(rows + [parse_policy(nulled).key])
