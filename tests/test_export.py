@@ -137,6 +137,8 @@ def test_cli_errors_and_help():
     for args, message in ((["--model", "/nonexistent/llava"], "unknown model"),
                           (["--model", "llava"], "CSPKV_LLAVA_PATH"),
                           (["--model", "tiny", "--budget", "1.5"], "budget must be"),
+                          (["--model", "tiny", "--pyramid", "1.5"], "pyramid (the layer budgets' slope) must be in [0, 1)"),
+                          (["--model", "tiny", "--recent-cap", "-1"], "recent_cap must be a share of the budget"),
                           (["--model", "tiny", "--max-prompt", "4000"], "exceeds the model's context")):
         result = runner.invoke(main, [*args, "--out", "/tmp/cspkv-never-written"], env={"CSPKV_LLAVA_PATH": ""})
         assert result.exit_code != 0 and message in result.output, result.output

@@ -94,13 +94,21 @@ def test_the_grid_gives_every_tuned_policy_the_same_number_of_trials_and_parses(
     assert split_specs(tuning.grid_policies())[0] == "full"
 
 
-def test_the_test_run_takes_each_chosen_setting_and_csp_with_the_null_slot():
-    choice = {"families": {"csp": {"chosen": "csp(cross_ratio=0.25,recent_cap=0.5)"}, "snapkv": {"chosen": "snapkv"},
-                           "lookm": {"chosen": "lookm(recent_cap=0.5)"}}}
+def _family(chosen: str, mean: float) -> dict:
+    return {"chosen": chosen, "settings": {chosen: {"mean": mean}}}
+
+
+def test_the_test_run_takes_csp_and_the_best_baseline_and_csp_with_the_null_slot():
+    choice = {"families": {"csp": _family("csp(cross_ratio=0.25,recent_cap=0.5)", 0.5),
+                           "snapkv": _family("snapkv(kernel_size=9)", 0.3), "lookm": _family("lookm(recent_cap=0.5)", 0.4)}}
+    assert tuning.best_baseline(choice) == "lookm"
     assert tuning.policies_for_test_run(choice) == ("csp(cross_ratio=0.25,recent_cap=0.5),lookm(recent_cap=0.5),"
                                                     "csp(cross_ratio=0.25,decode_n=1.0,recent_cap=0.5)")
-    choice["families"]["csp"]["chosen"] = "csp"
-    assert tuning.policies_for_test_run(choice).split(",")[-1] == "csp(decode_n=1.0)"
+    choice["families"]["csp"] = _family("csp", 0.5)                       # a default: the sweep has its cells
+    assert tuning.policies_for_test_run(choice) == "lookm(recent_cap=0.5),csp(decode_n=1.0)"
+    assert tuning.layer_grid(choice) == {
+        "csp": ["csp", "csp(pyramid=0.3)", "csp(pyramid=0.6)"],
+        "lookm": ["lookm(recent_cap=0.5)", "lookm(pyramid=0.3,recent_cap=0.5)", "lookm(pyramid=0.6,recent_cap=0.5)"]}
 
 
 def _write(path, records):
@@ -126,3 +134,12 @@ def test_records_of_one_prompt_from_two_runs_merge_and_pair(tmp_path):
     other = [{**second[0], "prompt_key": "changed"}]
     with pytest.raises(ValueError, match="recorded with different prompt_key"):
         merge_records([tmp_path / "a.jsonl", _write(tmp_path / "c.jsonl", other)])
+
+
+def test_with_settings_adds_or_replaces_a_setting_and_keeps_the_key_canonical():
+    from cspkv.pruning.spec import with_settings
+
+    assert with_settings("csp", decode_n=1) == "csp(decode_n=1.0)"
+    assert with_settings("csp(n=0)", pyramid=0.3) == "csp(n=0.0,pyramid=0.3)"
+    assert with_settings("csp(cross_ratio=0.75,recent_cap=0.5)", cross_ratio=0.5) == "csp(recent_cap=0.5)"
+    assert with_settings("csp(decode_n=1)", pyramid=0.6) == "csp(decode_n=1.0,pyramid=0.6)"

@@ -7,12 +7,16 @@ import click
 from cspkv.pruning import available_policies
 
 
-def _params(cross_ratio, n, recent_ratio, window_ratio, policy):
+def _params(cross_ratio, n, recent_ratio, window_ratio, policy, recent_cap=None, pyramid=None):
     params = {}
     if window_ratio is not None:
         params["window_ratio"] = window_ratio
     if recent_ratio is not None:
         params["recent_ratio"] = recent_ratio
+    if recent_cap is not None:
+        params["recent_cap"] = recent_cap
+    if pyramid is not None:
+        params["pyramid"] = pyramid
     if policy == "csp":
         if cross_ratio is not None:
             params["cross_ratio"] = cross_ratio
@@ -31,6 +35,10 @@ def _params(cross_ratio, n, recent_ratio, window_ratio, policy):
 @click.option("--n", type=float, default=None, help="csp: the n of n-softmax in prefill scoring.")
 @click.option("--recent-ratio", type=float, default=None, help="beta: recent window = beta * observation window.")
 @click.option("--window-ratio", type=float, default=None, help="observation window = ratio * prompt length.")
+@click.option("--recent-cap", type=float, default=None,
+              help="Cap the recent window at this share of the kept entries (leaves room to select at small budgets).")
+@click.option("--pyramid", type=float, default=None,
+              help="Layer-adaptive budgets: the first layer keeps (1 + s) C, the last (1 - s) C, the same total.")
 @click.option("--max-prompt", type=int, default=2048, show_default=True, help="P_max: the static prompt length.")
 @click.option("--decode-slots", type=int, default=256, show_default=True, help="G: KV slots for generated tokens.")
 @click.option("--n-decode", type=float, default=0.0, show_default=True, help="Decode-time n-softmax (adds a null slot) when > 0.")
@@ -50,14 +58,14 @@ def _params(cross_ratio, n, recent_ratio, window_ratio, policy):
               help="Convert this existing fp32 export folder to --precision instead of exporting again.")
 @click.option("--out", type=click.Path(), required=True, help="Output folder (graphs + manifest.json).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
-def main(model, budget, policy, cross_ratio, n, recent_ratio, window_ratio, max_prompt, decode_slots,
+def main(model, budget, policy, cross_ratio, n, recent_ratio, window_ratio, recent_cap, pyramid, max_prompt, decode_slots,
          n_decode, precision, int8_flavour, calibration, int4_block_size, from_folder, out, force):
     """Export LLaVA into static-shape ONNX graphs (vision, prefill with pruning, decode)."""
     from pathlib import Path
 
     _refuse_other_precisions_options(precision)
     if from_folder is not None or precision != "fp32":
-        return _export_precision(model, budget, policy, _params(cross_ratio, n, recent_ratio, window_ratio, policy),
+        return _export_precision(model, budget, policy, _params(cross_ratio, n, recent_ratio, window_ratio, policy, recent_cap, pyramid),
                                  max_prompt, decode_slots, n_decode, precision, int8_flavour, calibration,
                                  from_folder, Path(out), force, int4_block_size)
 
@@ -70,7 +78,7 @@ def main(model, budget, policy, cross_ratio, n, recent_ratio, window_ratio, max_
     try:
         click.echo(f"loading model {model!r} ...", err=True)
         net, processor, model_id = load_model(model)
-        plan = ExportPlan.make(net, policy, _params(cross_ratio, n, recent_ratio, window_ratio, policy),
+        plan = ExportPlan.make(net, policy, _params(cross_ratio, n, recent_ratio, window_ratio, policy, recent_cap, pyramid),
                                budget, max_prompt, decode_slots, n_decode)
         manifest = export_model(net, target, plan, model_id, force=force,
                                 progress=lambda message: click.echo(message + " ...", err=True),

@@ -10,7 +10,7 @@ equally, then budgets); for CSP it also reports the best rho per task, as the pa
 
 from __future__ import annotations
 
-from cspkv.pruning.spec import parse_policy
+from cspkv.pruning.spec import parse_policy, with_settings
 
 GRID = {
     "csp": ["csp", "csp(recent_cap=0.5)", "csp(cross_ratio=0.25,recent_cap=0.5)",
@@ -98,11 +98,25 @@ def choice_table(choice: dict) -> str:
 
 
 def policies_for_test_run(choice: dict) -> str:
-    """The test run's rows: each family's chosen setting, and CSP's with the decode-time null slot
-    (csp-eval --policies; the untuned defaults are the committed sweep's cells)."""
-    chosen = [found["chosen"] for found in choice["families"].values()]
-    rows = [key for key in chosen if key != parse_policy(key).name]  # a default: already in the sweep
-    csp = choice["families"]["csp"]["chosen"]
-    spec = parse_policy(csp)
-    nulled = f"{spec.name}({csp[len(spec.name) + 1:-1] + ',' if csp != spec.name else ''}decode_n=1)"
-    return ",".join(rows + [parse_policy(nulled).key])
+    """The test run's rows: CSP's and the best baseline's chosen settings, and CSP's with the
+    decode-time null slot (csp-eval --policies; a default is already among the committed sweep's cells)."""
+    chosen = [choice["families"][f]["chosen"] for f in ("csp", best_baseline(choice))]
+    rows = [key for key in chosen if key != parse_policy(key).name]
+    return ",".join(rows + [with_settings(choice["families"]["csp"]["chosen"], decode_n=1)])
+
+
+# Layer-adaptive budgets, tried on top of each policy's chosen setting (the same two slopes each).
+PYRAMID_SLOPES = (0.3, 0.6)
+
+
+def best_baseline(choice: dict) -> str:
+    """The baseline family whose chosen setting scored best on the development split."""
+    baselines = {f: found for f, found in choice["families"].items() if f != "csp"}
+    return max(baselines, key=lambda f: baselines[f]["settings"][baselines[f]["chosen"]]["mean"])
+
+
+def layer_grid(choice: dict, families: list[str] | None = None) -> dict[str, list[str]]:
+    """{family: [chosen, chosen with each pyramid slope]} for CSP and the best baseline by default."""
+    families = families or ["csp", best_baseline(choice)]
+    return {f: [choice["families"][f]["chosen"]] + [with_settings(choice["families"][f]["chosen"], pyramid=s)
+                                                     for s in PYRAMID_SLOPES] for f in families}

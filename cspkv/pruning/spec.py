@@ -92,3 +92,15 @@ def parse_policy(spec: str) -> PolicySpec:
         changed["decode_n"] = float(decode_n)
     key = name if not changed else name + "(" + ",".join(f"{k}={_format(v)}" for k, v in sorted(changed.items())) + ")"
     return PolicySpec(key, name, policy, float(decode_n))
+
+
+def with_settings(spec: str, **settings) -> str:
+    """The key of ``spec`` with ``settings`` added or replaced: with_settings("csp(n=0)", pyramid=0.3)."""
+    parsed = parse_policy(spec)
+    defaults = type(parsed.policy)().params()
+    current = {k: v for k, v in parsed.policy.params().items() if defaults.get(k) != v}
+    if parsed.decode_n:
+        current["decode_n"] = parsed.decode_n
+    merged = {**current, **settings}
+    inner = ",".join(f"{k}={_format(v)}" for k, v in merged.items())
+    return parse_policy(f"{parsed.name}({inner})" if inner else parsed.name).key
