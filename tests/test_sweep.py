@@ -1,6 +1,7 @@
 """csp-eval's sweep: one prefill per prompt, every policy and budget, baselines, MileBench items, errors."""
 
 import dataclasses
+from pathlib import Path
 import math
 
 import pytest
@@ -265,3 +266,12 @@ def test_policy_specs_share_one_prefill_skip_the_blanked_prompt_and_decode_the_n
         assert record["cells"][key]["0.2"]["reply"] == " ".join(map(str, tokens)), key
     capped, plain = reference.prune(prefill, "csp(recent_cap=0.25)", 0.2), reference.prune(prefill, "csp", 0.2)
     assert not sweep.same_cache(capped, plain)
+
+
+def test_tables_and_plots_hold_the_full_cache_when_the_other_budgets_leave_out_1_0(tmp_path):
+    model = tiny_llava(seed=2)
+    item = _prompt_item("t1", 1, 3, lambda reply: 1.0, "A")
+    result = sweep.run_sweep(model, DigitTokenizer(), [item], ["full", "csp"], [0.2], max_new_tokens=3, blank=False)
+    assert set(result["scores"]["t1"]["full"]) == {"1.0"}
+    assert "| t1 | multi-choice | 1 | 1.000 | – | 1.000 | – |" in sweep.markdown_table(result, [0.2], ["full", "csp"])
+    assert [Path(p).name for p in sweep.plot(result, [0.2], tmp_path)] == ["t1.png"]

@@ -398,12 +398,11 @@ def plot(result: dict, budgets: list[float], out_dir) -> list[str]:
     for task, by_policy in result["scores"].items():
         figure, axis = plt.subplots(figsize=(5, 3.5))
         for name, by_budget in by_policy.items():
+            if name == FULL:   # budget 1.0 only, whichever budgets the others ran at
+                axis.axhline(by_budget["1.0"]["score"], color="black", linestyle="--", label="full cache")
+                continue
             xs = [b for b in budgets if str(b) in by_budget]
-            ys = [by_budget[str(b)]["score"] for b in xs]
-            if name == FULL:
-                axis.axhline(ys[0], color="black", linestyle="--", label="full cache")
-            else:
-                axis.plot(xs, ys, marker="o", label=name)
+            axis.plot(xs, [by_budget[str(b)]["score"] for b in xs], marker="o", label=name)
         if result["baselines"][task]["blank_images"] is not None:
             axis.axhline(result["baselines"][task]["blank_images"], color="grey", linestyle=":", label="images blanked")
         axis.set_xlabel("budget (fraction of prompt KV kept)")
