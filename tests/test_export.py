@@ -167,6 +167,21 @@ def test_engine_refuses_missing_corrupt_or_foreign_folders(exports, tmp_path):
         OrtEngine(copy)
 
 
+def test_layer_budgets_in_the_manifest_are_checked_against_the_budget(exports, tmp_path):
+    source = exports("gqa", "csp(pyramid=0.5)", 0.5)
+    manifest = json.loads((source / "manifest.json").read_text())
+    layer_keep = manifest["plan"]["layer_keep"]
+    assert sum(layer_keep) == 2 * math.ceil(0.5 * P_MAX) and manifest["plan"]["max_keep"] == max(layer_keep) > layer_keep[1]
+    for changed, message in (([layer_keep[0] + 1, layer_keep[1]], "more than 2 layers x"),
+                             ([layer_keep[0]], "must list 2 entry counts"),
+                             ([layer_keep[0] - 1, layer_keep[1] + 1], "plan.max_keep is")):
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(source, copy)
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "plan": {**manifest["plan"], "layer_keep": changed}}))
+        with pytest.raises(ManifestError, match=message):
+            OrtEngine(copy)
+
+
 def test_pipeline_rejects_oversized_prompts_and_wrong_images(exports):
     engine = OrtEngine(exports("gqa", "csp", 0.5))
     pipeline = OnnxPipeline(engine)

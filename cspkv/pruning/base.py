@@ -275,10 +275,10 @@ class PruningPolicy:
         if recent_cap is not None and (isinstance(recent_cap, bool) or not isinstance(recent_cap, (int, float))
                                        or not 0.0 <= recent_cap <= 1.0):
             raise ValueError(f"recent_cap must be a share of the budget in [0, 1] (or None), got {recent_cap!r}")
-        self.window_ratio = float(window_ratio)
-        self.recent_ratio = float(recent_ratio)
         if isinstance(pyramid, bool) or not isinstance(pyramid, (int, float)) or not 0.0 <= pyramid < 1.0:
             raise ValueError(f"pyramid (the layer budgets' slope) must be in [0, 1), got {pyramid!r}")
+        self.window_ratio = float(window_ratio)
+        self.recent_ratio = float(recent_ratio)
         self.recent_cap = None if recent_cap is None else float(recent_cap)
         self.pyramid = float(pyramid)
 
@@ -319,7 +319,7 @@ class PruningPolicy:
     def layer_keep_counts(self, n_keep: IntOrTensor, n_layers: int, n_valid: IntOrTensor | None = None):
         """Entries kept in each layer: C everywhere, or with ``pyramid`` = s > 0 a linear slope from
         (1 + s) C in the first layer to (1 - s) C in the last (PyramidKV's shape), the same total
-        L x C. Each layer keeps floor(C W_(l+1)) - floor(C W_l) for the cumulative shares W, so
+        n_layers x C. Each layer keeps floor(C W_(l+1)) - floor(C W_l) for the cumulative shares W, so
         the counts sum to exactly n_layers x C; each is then clamped to [1, n_valid] (a budget above
         1 / (1 + s) keeps less in all). A list of ints, or an int64 tensor [n_layers, *C.shape]."""
         if self.pyramid == 0.0:
