@@ -208,6 +208,7 @@ def test_milebench_items_skip_bad_samples_and_score_with_milebench_rules(tmp_pat
     (["--policies", "csp,magic"], "unknown policy 'magic'"),
     (["--policies", "csp(cross_ratio=2)"], "cross_ratio (rho) must be in [0, 1]"),
     (["--split", "val"], "'val' is not one of 'test', 'dev'"),
+    (["--split", "dev", "--milebench", "/tmp"], "MileBench folders have no development split"),
     (["--budgets", "0.5,1.5"], "budget must be a number in (0, 1]"),
     (["--milebench", "/nonexistent/milebench"], "does not exist"),
 ])

@@ -49,6 +49,8 @@ def main(ctx, model, tasks, policies, budgets, limit, split, max_new_tokens, mil
     from cspkv.pruning import available_policies, check_budget
     from cspkv.pruning.spec import split_specs
 
+    if split != "test" and milebench is not None:
+        raise click.UsageError("--split dev draws easy-vqa prompts; MileBench folders have no development split")
     try:
         policy_list = list(sweep.policy_specs(split_specs(policies))[0])  # keys: settings in a fixed order
     except ValueError as exc:

@@ -94,6 +94,7 @@ class SweepWorker:
         from cspkv.export.manifest import model_fingerprint
         from cspkv.heap import keep_freed_heap
         from cspkv.models.llava import LlavaReference
+
         torch.set_num_threads(threads)
         keep_freed_heap()  # as csp-eval's own process: the sweep re-allocates big score buffers every layer
         model, processor = loader(rank)
