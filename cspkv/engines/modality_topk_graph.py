@@ -94,9 +94,7 @@ class PluginTopKPolicy(CrossSelfPruning):
     def __init__(self, policy: CrossSelfPruning, c_max: int):
         if getattr(policy, "variant", None) != "distinct":
             raise ValueError("the ModalityTopK plugin implements CSP's 'distinct' variant only")
-        super().__init__(n=policy.n, cross_ratio=policy.cross_ratio, variant="distinct",
-                         window_ratio=policy.window_ratio, recent_ratio=policy.recent_ratio,
-                         recent_cap=policy.recent_cap)
+        super().__init__(**policy.params())     # every setting, the layer budgets included
         self.c_max = int(c_max)
 
     def kept_indices(self, scores, key_modality, n_keep, c_max: int, n_kv_heads: int):

@@ -46,12 +46,6 @@ def paired(records: list[dict], first: str, second: str, budget: str, tasks=None
             "tied": len(diffs) - won - lost, "lost": lost, "prompts": len(diffs)}
 
 
-def mean_score(records: list[dict], name: str, budget: str, tasks=None) -> tuple[float, int] | None:
-    scores = [r["cells"][name][budget]["score"] for r in records
-              if (tasks is None or r["task"] in tasks) and budget in r["cells"].get(name, {})]
-    return (sum(scores) / len(scores), len(scores)) if scores else None
-
-
 def cell(result: dict | None) -> str:
     if result is None:
         return "–"

@@ -21,7 +21,6 @@ GRID = {
               "lookm(merge=True)"],
     "h2o": ["h2o", "h2o(recent_cap=0.5)", "h2o(recent_cap=0.25)", "h2o(recent_cap=0.75)", "h2o(recent_ratio=0.5)"],
 }
-RHO_KNOB = "cross_ratio"
 
 
 def grid_keys() -> dict[str, list[str]]:

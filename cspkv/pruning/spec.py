@@ -9,7 +9,7 @@ null slot, csp-spec.md section 5); it is accepted in a spec so one sweep can hol
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cspkv.pruning.base import PruningPolicy
 
@@ -22,6 +22,7 @@ class PolicySpec:
     name: str
     policy: PruningPolicy
     decode_n: float = 0.0
+    settings: dict = field(default_factory=dict, compare=False)   # those that differ from the defaults
 
 
 def split_specs(text: str) -> list[str]:
@@ -90,17 +91,14 @@ def parse_policy(spec: str) -> PolicySpec:
     changed = {k: v for k, v in policy.params().items() if defaults.get(k) != v}
     if decode_n:
         changed["decode_n"] = float(decode_n)
-    key = name if not changed else name + "(" + ",".join(f"{k}={_format(v)}" for k, v in sorted(changed.items())) + ")"
-    return PolicySpec(key, name, policy, float(decode_n))
+    return PolicySpec(_key(name, changed), name, policy, float(decode_n), changed)
+
+
+def _key(name: str, settings: dict) -> str:
+    return name if not settings else name + "(" + ",".join(f"{k}={_format(v)}" for k, v in sorted(settings.items())) + ")"
 
 
 def with_settings(spec: str, **settings) -> str:
     """The key of ``spec`` with ``settings`` added or replaced: with_settings("csp(n=0)", pyramid=0.3)."""
     parsed = parse_policy(spec)
-    defaults = type(parsed.policy)().params()
-    current = {k: v for k, v in parsed.policy.params().items() if defaults.get(k) != v}
-    if parsed.decode_n:
-        current["decode_n"] = parsed.decode_n
-    merged = {**current, **settings}
-    inner = ",".join(f"{k}={_format(v)}" for k, v in merged.items())
-    return parse_policy(f"{parsed.name}({inner})" if inner else parsed.name).key
+    return parse_policy(_key(parsed.name, {**parsed.settings, **settings})).key   # parsed again: defaults drop out
